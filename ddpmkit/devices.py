@@ -1,0 +1,32 @@
+"""Device selection shared by every command."""
+
+import torch
+
+from ddpmkit.errors import UserError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Turn a `--device` value into a torch.device.
+
+    `auto` picks `cuda` when CUDA is available, else `cpu`. An explicit CUDA device on a machine
+    without CUDA (or with fewer GPUs) is a UserError, not a crash deep inside torch.
+    """
+    spec = (spec or "auto").strip()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise UserError(f"invalid device {spec!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"device {spec!r} was requested but CUDA is not available on this machine; "
+                "use --device cpu (or auto)"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"device {spec!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device

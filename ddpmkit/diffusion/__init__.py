@@ -1,0 +1,33 @@
+"""Diffusion math: schedules, the Gaussian diffusion process, samplers."""
+
+from ddpmkit.diffusion.gaussian import (
+    DECODERS,
+    LOSS_TYPES,
+    MODEL_MEAN_TYPES,
+    MODEL_VAR_TYPES,
+    BPDResult,
+    GaussianDiffusion,
+    PMeanVar,
+)
+from ddpmkit.diffusion.samplers import (
+    SAMPLERS,
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverPPSampler,
+    StepInfo,
+    make_sampler,
+    sample,
+)
+from ddpmkit.diffusion.schedules import (
+    BETA_SCHEDULES,
+    SKIP_SCHEDULES,
+    ddim_timesteps,
+    get_beta_schedule,
+)
+
+__all__ = [
+    "BETA_SCHEDULES", "DECODERS", "LOSS_TYPES", "MODEL_MEAN_TYPES", "MODEL_VAR_TYPES",
+    "SAMPLERS", "SKIP_SCHEDULES", "BPDResult", "DDIMSampler", "DDPMSampler",
+    "DPMSolverPPSampler", "GaussianDiffusion", "PMeanVar", "StepInfo", "ddim_timesteps",
+    "get_beta_schedule", "make_sampler", "sample",
+]
