@@ -8,7 +8,6 @@ import glob
 import os
 import pickle
 import re
-import zipfile
 from typing import Any, Dict, Optional
 
 import torch
@@ -32,15 +31,10 @@ def _numpy_safe_globals():
 
     allowed = [np.dtype, np.float64]
     try:
-        allowed.append(np.core.multiarray.scalar)  # numpy < 2
-    except AttributeError:
-        pass
-    try:
         from numpy._core.multiarray import scalar  # numpy >= 2
-
-        allowed.append(scalar)
-    except ImportError:
-        pass
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    allowed.append(scalar)
     try:
         allowed.append(type(np.dtype(np.float64)))  # numpy.dtypes.Float64DType
     except TypeError:
@@ -68,7 +62,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu",
             f"checkpoint {path!r} holds objects that are not safe to load ({first}); "
             "only tensors and plain data are accepted"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # torch raises many types for damaged files (IndexError, EOFError...)
         raise UserError(
             f"checkpoint {path!r} is corrupt or not a PyTorch checkpoint "
             f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"

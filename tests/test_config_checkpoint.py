@@ -1,0 +1,137 @@
+"""Config precedence, device parsing and the atomic, safe checkpoint files."""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ddpmkit.config import deep_update, find_config_file, parse_with_explicit
+from ddpmkit.devices import resolve_device
+from ddpmkit.errors import UserError
+from ddpmkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+def _parser():
+    p = argparse.ArgumentParser()
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--use-ema", action="store_true")
+    return p
+
+
+def test_parse_with_explicit_reports_only_typed_flags():
+    args, typed = parse_with_explicit(_parser(), ["--lr", "1e-3"])
+    assert args.lr == 1e-3 and args.epochs == 50 and args.use_ema is False
+    assert typed == {"lr"}
+    args, typed = parse_with_explicit(_parser(), ["--epochs", "50", "--use-ema"])
+    assert typed == {"epochs", "use_ema"}  # typed even though equal to the default
+    # the parser's defaults are restored afterwards
+    assert _parser().parse_args([]).lr == parse_with_explicit(_parser(), [])[0].lr == 2e-4
+
+
+def test_deep_update_merges_nested_sections():
+    base = {"train": {"lr": 1, "epochs": 2}, "model": {"ch": 3}}
+    out = deep_update(base, {"train": {"lr": 5}})
+    assert out == {"train": {"lr": 5, "epochs": 2}, "model": {"ch": 3}}
+    assert base["train"]["lr"] == 1  # the input is not modified
+
+
+def test_find_config_file_errors_clearly(tmp_path):
+    with pytest.raises(UserError, match="no config for dataset"):
+        find_config_file("nosuchdata", config_dir=str(tmp_path))
+    with pytest.raises(UserError, match="does not exist"):
+        find_config_file("cifar10", config_path=str(tmp_path / "x.json"))
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    with pytest.raises(UserError, match="invalid device"):
+        resolve_device("floppy")
+
+
+def test_checkpoint_round_trip_and_format_version(tmp_path):
+    path = tmp_path / "c" / "model_3.pt"
+    state = {"model": {"w": torch.arange(4.0)}, "step": 3, "config": {"a": [1, 2]}}
+    save_checkpoint(state, str(path))
+    loaded = load_checkpoint(str(path))
+    assert torch.equal(loaded["model"]["w"], torch.arange(4.0))
+    assert loaded["step"] == 3 and loaded["config"] == {"a": [1, 2]}
+    assert loaded["format_version"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["model_3.pt"]  # no temp file left
+
+
+def test_latest_checkpoint_uses_the_number_in_the_name(tmp_path):
+    for n in (9, 10, 2):
+        save_checkpoint({"step": n}, str(tmp_path / f"run_{n}.pt"))
+    assert os.path.basename(latest_checkpoint(str(tmp_path))) == "run_10.pt"
+    assert latest_checkpoint(str(tmp_path / "empty")) is None
+
+
+def test_corrupt_and_missing_checkpoints_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nope.pt"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(str(bad))
+    good = tmp_path / "good.pt"
+    save_checkpoint({"w": torch.randn(1000)}, str(good))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(str(truncated))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_arbitrary_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": _Evil()}, str(path))
+    with pytest.raises(UserError, match="not safe"):
+        load_checkpoint(str(path))
+
+
+def test_numpy_scalar_only_with_allow_list(tmp_path):
+    path = tmp_path / "ref.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "fid": np.float64(3.25)}, str(path))
+    with pytest.raises(UserError):
+        load_checkpoint(str(path))
+    assert float(load_checkpoint(str(path), allow_numpy_scalars=True)["fid"]) == 3.25
+
+
+def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "chkpt.pt"
+    save_checkpoint({"generation": 0, "w": torch.zeros(10)}, str(path))
+    script = textwrap.dedent(f"""
+        import torch
+        from ddpmkit.training.checkpoint import save_checkpoint
+        big = torch.randn(8_000_000)  # 32 MB: slow enough to be killed mid-write
+        i = 1
+        while True:
+            save_checkpoint({{"generation": i, "w": big}}, {str(path)!r})
+            i += 1
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        time.sleep(3.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    loaded = load_checkpoint(str(path))  # old or new, but whole
+    assert loaded["generation"] >= 0 and loaded["w"].numel() in (10, 8_000_000)
