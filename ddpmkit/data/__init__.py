@@ -1,0 +1,17 @@
+"""Datasets: image datasets and loaders (and the 2-D toy data)."""
+
+from ddpmkit.data.images import (
+    DATASET_NAMES,
+    DEFAULT_ROOT,
+    build_dataset,
+    build_loader,
+    dataset_info,
+)
+
+__all__ = [
+    "DATASET_NAMES",
+    "DEFAULT_ROOT",
+    "build_dataset",
+    "build_loader",
+    "dataset_info",
+]

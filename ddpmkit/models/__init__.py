@@ -1,0 +1,9 @@
+"""Networks: the DDPM UNet for images (and the toy MLP for 2-D data)."""
+
+from ddpmkit.models.unet import UNet, build_model, count_parameters
+
+__all__ = [
+    "UNet",
+    "build_model",
+    "count_parameters",
+]
