@@ -158,9 +158,11 @@ def make_sampler(diffusion: GaussianDiffusion, name: str = "ddpm", steps: Option
     if name == "ddpm":
         return DDPMSampler(diffusion.T)
     if name == "ddim":
-        return DDIMSampler(diffusion.T, steps or diffusion.T, eta, skip_schedule)
+        return DDIMSampler(diffusion.T, diffusion.T if steps is None else steps, eta,
+                           skip_schedule)
     if name == "dpm-solver++":
-        return DPMSolverPPSampler(diffusion.T, steps or min(20, diffusion.T - 1), skip_schedule)
+        return DPMSolverPPSampler(diffusion.T, min(20, diffusion.T - 1) if steps is None
+                                  else steps, skip_schedule)
     raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
 

@@ -68,6 +68,12 @@ def ddim_timesteps(T: int, S: int, kind: str = "linear") -> np.ndarray:
     if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or not 1 <= S <= T:
         raise ValueError(f"the number of sampling steps must be an integer in [1, {T}], got {S!r}")
     S = int(S)
+    if kind not in SKIP_SCHEDULES:
+        raise ValueError(f"unknown skip schedule {kind!r}; choose from {', '.join(SKIP_SCHEDULES)}")
+    if S == 1:
+        # One step must start from the noisiest step, not from t = 0 (where both spacings
+        # below would put it): x_0 is then predicted from pure noise in one jump.
+        return np.array([T - 1], dtype=np.int64)
     if kind == "linear":
         # floor(x + 0.5) rather than np.round: banker's rounding could map two points spaced
         # exactly 1 apart (e.g. 1.5 and 2.5) to the same integer.
@@ -79,7 +85,5 @@ def ddim_timesteps(T: int, S: int, kind: str = "linear") -> np.ndarray:
         steps[-1] = min(steps[-1], T - 1)
         for i in range(S - 2, -1, -1):  # backward pass: fit below T
             steps[i] = min(steps[i], steps[i + 1] - 1)
-    else:
-        raise ValueError(f"unknown skip schedule {kind!r}; choose from {', '.join(SKIP_SCHEDULES)}")
     assert len(np.unique(steps)) == S and steps[0] >= 0 and steps[-1] < T
     return steps
