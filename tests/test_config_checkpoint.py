@@ -71,10 +71,12 @@ def test_checkpoint_round_trip_and_format_version(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["model_3.pt"]  # no temp file left
 
 
-def test_latest_checkpoint_uses_the_number_in_the_name(tmp_path):
-    for n in (9, 10, 2):
+def test_latest_checkpoint_is_the_newest_file(tmp_path):
+    for i, n in enumerate((9, 10, 2)):
         save_checkpoint({"step": n}, str(tmp_path / f"run_{n}.pt"))
-    assert os.path.basename(latest_checkpoint(str(tmp_path))) == "run_10.pt"
+        os.utime(tmp_path / f"run_{n}.pt", (1000 + i, 1000 + i))
+    (tmp_path / ".run_11.pt.abc.tmp").write_bytes(b"half")  # an interrupted write
+    assert os.path.basename(latest_checkpoint(str(tmp_path))) == "run_2.pt"
     assert latest_checkpoint(str(tmp_path / "empty")) is None
 
 

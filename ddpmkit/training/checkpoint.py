@@ -7,7 +7,6 @@ unpickled as arbitrary code. `FORMAT_VERSION` is bumped when the layout changes.
 import glob
 import os
 import pickle
-import re
 from typing import Any, Dict, Optional
 
 import torch
@@ -72,20 +71,16 @@ def load_checkpoint(path: str, map_location: Any = "cpu",
     return obj
 
 
-_STEP_RE = re.compile(r"_(\d+)\.pt$")
-
-
 def latest_checkpoint(folder: str, pattern: str = "*.pt") -> Optional[str]:
-    """The newest checkpoint in `folder` by the number at the end of its name (else mtime)."""
+    """The most recently written checkpoint in `folder` matching `pattern` (None if none).
+
+    Files are written atomically, so the newest complete file is the newest by mtime; temp
+    files of an interrupted write are hidden and do not match.
+    """
     paths = [p for p in glob.glob(os.path.join(folder, pattern)) if os.path.isfile(p)]
     if not paths:
         return None
-
-    def key(p: str):
-        m = _STEP_RE.search(os.path.basename(p))
-        return (int(m.group(1)) if m else -1, os.path.getmtime(p))
-
-    return max(paths, key=key)
+    return max(paths, key=lambda p: (os.path.getmtime(p), p))
 
 
 def get_rng_state() -> Dict[str, Any]:

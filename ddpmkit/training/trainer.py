@@ -1,0 +1,571 @@
+"""A single-process diffusion training loop, generic over the data (toy points or images).
+
+One optimizer update ("step") uses `num_accum` micro-batches. Per micro-batch: t ~ U{0..T-1}
+and eps ~ N(0, I) from the trainer's own generator, the diffusion loss, backward. Per update:
+optional gradient clipping by global norm, the optimizer and LR scheduler steps, the EMA update.
+The loss is summed on the device and read back only at log intervals, epoch ends and saves,
+so the hot path has no host synchronisation.
+
+Exact resume: a checkpoint holds the model, EMA, optimizer, LR scheduler, step/epoch counters,
+the position inside the epoch (`batch_in_epoch`), the trainer's noise generator and the global
+RNG states. The data source must give the same batch order for the same epoch (call
+`set_epoch(epoch)` on it; `ddpmkit.data.toy.TensorBatches` and `DistributedSampler` do), so a
+resumed run skips the batches already used and continues bit-identically on the CPU.
+
+Distributed runs pass the DDP-wrapped model; `unwrap` reaches the module underneath for
+checkpoints and EMA, `is_main` limits logging, progress bars and checkpoint writes to one
+process, and accumulation micro-steps skip the gradient all-reduce (`no_sync`).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ddpmkit.errors import UserError
+from ddpmkit.training.checkpoint import get_rng_state, save_checkpoint, set_rng_state
+from ddpmkit.training.ema import EMA
+
+logger = logging.getLogger(__name__)
+
+LR_DECAYS = ("none", "cosine", "linear")
+OPTIMIZERS = ("adam", "adamw")
+CHECKPOINT_KIND = "ddpmkit.trainer"
+
+
+class NonFiniteLossError(UserError):
+    """The loss (or the weights) became NaN/inf; training stopped without saving."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / DataParallel (`.module`) and torch.compile (`._orig_mod`)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str = "none",
+              min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base LR before update `step` (0-based).
+
+    Linear warmup min((step + 1) / warmup_steps, 1) (the reference's form), then `decay` from 1
+    down to `min_lr_ratio` at `total_steps`: `cosine` (half a cosine wave) or `linear`.
+    """
+    factor = min((step + 1) / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+    if decay == "none" or total_steps <= warmup_steps:
+        return factor
+    progress = min(max((step - warmup_steps) / (total_steps - warmup_steps), 0.0), 1.0)
+    if decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif decay == "linear":
+        shape = 1.0 - progress
+    else:
+        raise ValueError(f"unknown lr decay {decay!r}; choose from {', '.join(LR_DECAYS)}")
+    return factor * (min_lr_ratio + (1.0 - min_lr_ratio) * shape)
+
+
+class Callback:
+    """Hooks into `Trainer.fit`. Every method is optional; `trainer` gives access to everything.
+
+    They run on every process; use `trainer.is_main` for work only one process should do.
+    """
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """After each optimizer update (`trainer.step` already counts it)."""
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        """After each epoch (`trainer.epoch` already counts it), before its checkpoint."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        pass
+
+
+def _set_epoch(data: Any, epoch: int) -> None:
+    """Tell the data source (or its sampler) which epoch starts: its shuffle depends on it."""
+    for obj in (data, getattr(data, "sampler", None),
+                getattr(getattr(data, "batch_sampler", None), "sampler", None)):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+            return
+
+
+def _iter_from(data: Iterable, start: int) -> Iterator:
+    """Batches of the current epoch from index `start` (skipping cheaply where supported)."""
+    if start == 0:
+        return iter(data)
+    if hasattr(data, "iter_from"):
+        return data.iter_from(start)
+    return itertools.islice(iter(data), start, None)
+
+
+class Trainer:
+    """Trains `model` on `data` with `diffusion`'s loss.
+
+    Args:
+        model: the network (`denoise_fn(x_t, t)`), already on `device`; may be DDP-wrapped.
+        diffusion: a `GaussianDiffusion` (anything with `.T` and `training_losses`).
+        data: an iterable of batches with `len()` = batches per epoch: tensors (B, *S) or
+            tuples/lists whose first item is that tensor (e.g. `(images, labels)`).
+        epochs: total number of epochs (sets the LR decay horizon).
+        lr, betas, weight_decay, optimizer: Adam / AdamW settings (`fused` passes through).
+        warmup_steps: linear LR warmup length in optimizer updates.
+        lr_decay, min_lr_ratio: LR decay after warmup (`none`, `cosine`, `linear`) and the
+            final LR as a fraction of `lr`.
+        grad_clip: max global gradient norm (0 or None: no clipping).
+        num_accum: micro-batches per optimizer update.
+        ema_decay: EMA decay; None or 0 disables EMA. `ema_warmup`: see `EMA`.
+        device: where batches go.
+        seed: seeds the trainer's generator for t and noise (offset by `rank`).
+        chkpt_dir, chkpt_name: where checkpoints go; `chkpt_name` is formatted with
+            `epoch` and `step`, e.g. "ddpm_cifar10_{epoch}.pt".
+        chkpt_intv: save every this many epochs (0: only when asked); `chkpt_intv_steps`:
+            also every this many updates. A final checkpoint is saved at the end of `fit`
+            when `save_final` is true.
+        log_path: JSONL log file (appended to); `log_every`: updates between log records.
+        tensorboard_dir: also write scalars there when tensorboard is installed.
+        progress: show a tqdm progress bar (main process only).
+        callbacks: `Callback` objects.
+        config: the resolved run config (plain data), stored in every checkpoint.
+        is_main, rank, world_size: distributed role; only the main process writes files.
+        amp_dtype: autocast dtype for the forward pass (e.g. torch.bfloat16), or None.
+        throughput_key: the log field for items per second ("samples_per_s", "img_per_s").
+    """
+
+    def __init__(self, model: nn.Module, diffusion: Any, data: Iterable, *, epochs: int,
+                 lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, optimizer: str = "adam",
+                 fused: bool | None = None, warmup_steps: int = 0, lr_decay: str = "none",
+                 min_lr_ratio: float = 0.0, grad_clip: float | None = None,
+                 num_accum: int = 1, ema_decay: float | None = None,
+                 ema_warmup: bool = False, device: Any = "cpu", seed: int = 0,
+                 chkpt_dir: str | None = None, chkpt_name: str = "chkpt_{epoch}.pt",
+                 chkpt_intv: int = 0, chkpt_intv_steps: int = 0, save_final: bool = False,
+                 log_path: str | None = None, log_every: int = 100,
+                 tensorboard_dir: str | None = None, progress: bool = True,
+                 callbacks: Sequence[Callback] = (), config: dict[str, Any] | None = None,
+                 is_main: bool = True, rank: int = 0, world_size: int = 1,
+                 amp_dtype: torch.dtype | None = None,
+                 throughput_key: str = "samples_per_s"):
+        if epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {epochs}")
+        if num_accum <= 0:
+            raise ValueError(f"num_accum must be positive, got {num_accum}")
+        if lr <= 0:
+            raise ValueError(f"learning rate must be positive, got {lr}")
+        if lr_decay not in LR_DECAYS:
+            raise ValueError(f"unknown lr decay {lr_decay!r}; choose from {', '.join(LR_DECAYS)}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose from "
+                             f"{', '.join(OPTIMIZERS)}")
+        try:
+            batches_per_epoch = len(data)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise ValueError("data must have a length (batches per epoch)") from exc
+        if batches_per_epoch <= 0:
+            raise ValueError("data yields no batches per epoch")
+
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.epochs = int(epochs)
+        self.device = torch.device(device)
+        self.num_accum = int(num_accum)
+        self.grad_clip = float(grad_clip) if grad_clip else 0.0
+        self.batches_per_epoch = batches_per_epoch
+        # An epoch's last partial group of micro-batches still makes an update.
+        self.steps_per_epoch = -(-batches_per_epoch // self.num_accum)
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self.chkpt_dir = chkpt_dir
+        self.chkpt_name = chkpt_name
+        self.chkpt_intv = int(chkpt_intv or 0)
+        self.chkpt_intv_steps = int(chkpt_intv_steps or 0)
+        self.save_final = save_final
+        self.log_path = log_path
+        self.log_every = max(int(log_every), 1)
+        self.progress = progress
+        self.callbacks: list[Callback] = list(callbacks)
+        self.config = dict(config or {})
+        self.is_main = is_main
+        self.rank = rank
+        self.world_size = world_size
+        self.amp_dtype = amp_dtype
+        self.throughput_key = throughput_key
+
+        params = [p for p in unwrap(model).parameters() if p.requires_grad]
+        self.params = params
+        opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+        opt_kwargs: dict[str, Any] = {"lr": lr, "betas": tuple(betas),
+                                      "weight_decay": weight_decay}
+        if fused is not None:
+            opt_kwargs["fused"] = fused
+        self.optimizer = opt_cls(params, **opt_kwargs)
+        self.warmup_steps = int(warmup_steps)
+        self.lr_decay = lr_decay
+        self.min_lr_ratio = float(min_lr_ratio)
+        warmup, total, decay, floor = self.warmup_steps, self.total_steps, lr_decay, min_lr_ratio
+
+        def schedule(step: int) -> float:  # a plain function: LambdaLR then saves no state for it
+            return lr_factor(step, warmup, total, decay, floor)
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=schedule)
+        self.ema = EMA(unwrap(model), ema_decay, warmup=ema_warmup) if ema_decay else None
+
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(int(seed) + int(rank))
+
+        # Counters: updates done, epochs done, micro-batches used in the current epoch.
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        # 0-based index of the current micro-batch within its update (< num_accum; an epoch's
+        # last group may be shorter, so count with this rather than modulo num_accum).
+        self.micro_index = 0
+        self.last_loss: float | None = None
+        self.last_checkpoint: str | None = None
+        self._reset_interval()
+        self._tb = None
+        self._tb_dir = tensorboard_dir
+        self._pbar = None
+
+    # ---- the parts a subclass may change -----------------------------------------------------
+    def prepare_batch(self, batch: Any) -> torch.Tensor:
+        """x_0 on the device from whatever the data yields."""
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        return batch.to(self.device, non_blocking=True)
+
+    def compute_loss(self, x_0: torch.Tensor) -> torch.Tensor:
+        """Mean diffusion loss of one micro-batch (DDPM Algorithm 1), a 0-dim tensor."""
+        B = x_0.shape[0]
+        t = torch.randint(self.diffusion.T, (B,), device=self.device, generator=self.generator)
+        noise = torch.randn(x_0.shape, device=self.device, dtype=x_0.dtype,
+                            generator=self.generator)
+        with self._autocast():
+            losses = self.diffusion.training_losses(self.model, x_0, t, noise)
+        return losses.float().mean()
+
+    @property
+    def sampling_model(self) -> nn.Module:
+        """The weights to sample from: the EMA copy when EMA is on, else the trained model."""
+        return self.ema.model if self.ema is not None else unwrap(self.model)
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _no_sync(self, last_micro: bool):
+        if not last_micro and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _reset_interval(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._loss_count = 0
+        self._items = 0
+        self._grad_norm: torch.Tensor | None = None
+        self._t_start = time.perf_counter()
+
+    def _reduce(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over processes (for logging only)."""
+        if self.world_size > 1 and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+            value /= self.world_size
+        return value
+
+    def _grad_norm_now(self) -> torch.Tensor:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+    def _update(self, micro_batches: int) -> None:
+        """Finish one optimizer update from `micro_batches` accumulated micro-batches."""
+        if micro_batches != self.num_accum:
+            # Each micro-batch loss was divided by num_accum: rescale a short final group.
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(self.num_accum / micro_batches)
+        log_now = (self.step + 1) % self.log_every == 0
+        if self.grad_clip > 0:
+            self._grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        elif log_now:
+            self._grad_norm = self._grad_norm_now()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(unwrap(self.model))
+        self.step += 1
+        if log_now:
+            self._log_interval()
+        for cb in self.callbacks:
+            cb.on_step_end(self)
+        if self.chkpt_intv_steps and self.step % self.chkpt_intv_steps == 0:
+            self.save_checkpoint()
+
+    def _sync_loss(self) -> float | None:
+        """Mean loss since the last sync (one host sync); raises on NaN/inf."""
+        if self._loss_count == 0:
+            return None
+        loss = float(self._reduce(self._loss_sum / self._loss_count))
+        self._check_finite(loss)
+        self.last_loss = loss
+        return loss
+
+    def _check_finite(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            where = (f"the last good checkpoint is {self.last_checkpoint}"
+                     if self.last_checkpoint else "no checkpoint had been saved yet")
+            raise NonFiniteLossError(
+                f"the training loss became {loss} by step {self.step} (epoch {self.epoch + 1}); "
+                f"training stopped without saving; {where}. Try a lower --lr, gradient "
+                "clipping or LR warmup")
+
+    def _log_interval(self) -> None:
+        loss = self._sync_loss()
+        elapsed = max(time.perf_counter() - self._t_start, 1e-9)
+        record: dict[str, Any] = {
+            "step": self.step,
+            "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch,
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            self.throughput_key: self._items * self.world_size / elapsed,
+        }
+        if self._grad_norm is not None:
+            record["grad_norm"] = float(self._grad_norm)
+        self.log_record(record)
+        if self._pbar is not None and loss is not None:
+            self._pbar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch + 1, refresh=False)
+        self._reset_interval()
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to the log (and scalars to tensorboard); main process only."""
+        if not self.is_main:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        if self.log_path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if self._tb_dir:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    logger.info("tensorboard is not installed; writing the JSONL log only")
+                    self._tb_dir = None
+                    return
+                self._tb = SummaryWriter(self._tb_dir)
+            for key, value in record.items():
+                if key not in ("time", "step") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record.get("step", self.step))
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train_epoch(self, max_steps: int | None = None) -> float | None:
+        """Run (the rest of) the current epoch; returns its mean loss (None if no batch ran)."""
+        self.model.train()
+        _set_epoch(self.data, self.epoch)
+        epoch_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        epoch_batches = 0
+        micro = 0
+        # Resume lands on an update boundary, so the next micro-batch opens a new group.
+        for batch in _iter_from(self.data, self.batch_in_epoch):
+            x_0 = self.prepare_batch(batch)
+            self.micro_index = micro  # position in the accumulation group, for compute_loss
+            self.batch_in_epoch += 1
+            micro += 1
+            last_micro = micro == self.num_accum or self.batch_in_epoch == self.batches_per_epoch
+            with self._no_sync(last_micro):
+                loss = self.compute_loss(x_0)
+                (loss / self.num_accum).backward()
+            detached = loss.detach().to(torch.float64)
+            self._loss_sum += detached
+            epoch_loss_sum += detached
+            self._loss_count += 1
+            epoch_batches += 1
+            self._items += x_0.shape[0]
+            if last_micro:
+                self._update(micro)
+                micro = 0
+                if self._pbar is not None:
+                    self._pbar.update(1)
+                if max_steps is not None and self.step >= max_steps:
+                    return None
+        if self.batch_in_epoch < self.batches_per_epoch:
+            raise RuntimeError(
+                f"the data gave {self.batch_in_epoch} batches in epoch {self.epoch + 1}, "
+                f"fewer than its length {self.batches_per_epoch}")
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        if epoch_batches == 0:
+            return None
+        # Epoch end: one host sync, which also catches a NaN anywhere in the epoch.
+        epoch_loss = float(self._reduce(epoch_loss_sum / epoch_batches))
+        self._check_finite(epoch_loss)
+        self.last_loss = epoch_loss
+        return epoch_loss
+
+    def fit(self, until_epoch: int | None = None, max_steps: int | None = None
+            ) -> dict[str, Any]:
+        """Train from the current counters to epoch `until_epoch` (default: `epochs`).
+
+        `max_steps` stops after that many updates in total (e.g. 1 for a dry run). Stopping
+        early with `until_epoch` does not change the LR schedule, so a run continued later
+        matches one that never stopped.
+        """
+        until = self.epochs if until_epoch is None else min(int(until_epoch), self.epochs)
+        start_step, t0 = self.step, time.perf_counter()
+        self._pbar = None
+        redirect = contextlib.nullcontext()
+        if self.progress and self.is_main:
+            from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._pbar = tqdm(total=self.total_steps, initial=self.step, unit="step",
+                              dynamic_ncols=True, desc="train")
+            redirect = logging_redirect_tqdm()
+        self._reset_interval()
+        try:
+            with redirect:
+                for cb in self.callbacks:
+                    cb.on_train_start(self)
+                while self.epoch < until:
+                    epoch_loss = self.train_epoch(max_steps=max_steps)
+                    if max_steps is not None and self.step >= max_steps:
+                        break
+                    if self.is_main:
+                        logger.info("epoch %d/%d  loss %.5f  lr %.3g  step %d", self.epoch,
+                                    self.epochs, epoch_loss if epoch_loss is not None else
+                                    float("nan"), self.optimizer.param_groups[0]["lr"],
+                                    self.step)
+                    for cb in self.callbacks:
+                        cb.on_epoch_end(self)
+                    if self.chkpt_intv and self.epoch % self.chkpt_intv == 0:
+                        self.save_checkpoint()
+                if self.save_final and self.chkpt_dir and self._needs_final_save():
+                    self.save_checkpoint()
+                for cb in self.callbacks:
+                    cb.on_train_end(self)
+        finally:
+            if self._pbar is not None:
+                self._pbar.close()
+            self._pbar = None
+            if self._tb is not None:
+                self._tb.flush()
+        return {"step": self.step, "epoch": self.epoch, "loss": self.last_loss,
+                "steps_run": self.step - start_step, "elapsed_s": time.perf_counter() - t0,
+                "checkpoint": self.last_checkpoint}
+
+    def _needs_final_save(self) -> bool:
+        return self.last_checkpoint is None or self.last_checkpoint != self.checkpoint_path()
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def checkpoint_path(self) -> str | None:
+        if not self.chkpt_dir:
+            return None
+        return os.path.join(self.chkpt_dir,
+                            self.chkpt_name.format(epoch=self.epoch, step=self.step))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly; plain data and tensors only."""
+        return {
+            "kind": CHECKPOINT_KIND,
+            "model": unwrap(self.model).state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rng": {"global": get_rng_state(), "trainer": self.generator.get_state()},
+            "config": self.config,
+            "loss": self.last_loss,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict()` (e.g. from `load_checkpoint(path)`, loaded on the CPU)."""
+        missing = [k for k in ("model", "optimizer", "step", "epoch") if k not in state]
+        if missing:
+            raise UserError(f"checkpoint lacks {', '.join(missing)}: it was not written by "
+                            "this trainer, so training cannot resume from it")
+        try:
+            unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scheduler") is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema is not None:
+                if state.get("ema") is not None:
+                    self.ema.load_state_dict(state["ema"])
+                else:
+                    logger.warning("checkpoint has no EMA weights; EMA restarts from the model")
+                    self.ema.model.load_state_dict(unwrap(self.model).state_dict())
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"checkpoint does not match this model or optimizer ({first}); "
+                            "resume with the same settings it was trained with") from exc
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
+        self.last_loss = state.get("loss")
+        rng = state.get("rng") or {}
+        if "global" in rng:
+            set_rng_state(rng["global"])
+        if "trainer" in rng:
+            self.generator.set_state(rng["trainer"])
+
+    def save_checkpoint(self, path: str | None = None) -> str | None:
+        """Write a checkpoint atomically (main process only); refuses non-finite weights."""
+        path = path or self.checkpoint_path()
+        if path is None or not self.is_main:
+            return None
+        if self._loss_count:
+            self._sync_loss()
+        finite = torch.stack([p.detach().isfinite().all() for p in self.params]).all()
+        if not bool(finite):
+            raise NonFiniteLossError(
+                f"the weights hold NaN/inf at step {self.step}; not saving over good "
+                f"checkpoints (last good: {self.last_checkpoint or 'none'})")
+        save_checkpoint(self.state_dict(), path)
+        self.last_checkpoint = path
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def resume(self, path: str) -> None:
+        """Load a checkpoint file and continue from it."""
+        from ddpmkit.training.checkpoint import load_checkpoint
+
+        self.load_state_dict(load_checkpoint(path, map_location="cpu"))
+        self.last_checkpoint = path
+        logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+
+
+def make_callback(on_epoch_end: Callable[[Trainer], None] | None = None,
+                  on_train_end: Callable[[Trainer], None] | None = None) -> Callback:
+    """A `Callback` from plain functions."""
+    cb = Callback()
+    if on_epoch_end is not None:
+        cb.on_epoch_end = on_epoch_end  # type: ignore[method-assign]
+    if on_train_end is not None:
+        cb.on_train_end = on_train_end  # type: ignore[method-assign]
+    return cb
