@@ -263,7 +263,7 @@ def test_dpm_solver_pp_matches_dpm_solver_multistep_scheduler(S, mean_type):
     T = 1000
     ours = GaussianDiffusion(get_beta_schedule("linear", T), mean_type, "fixed-small", "mse",
                              decoder="continuous")
-    sampler = make_sampler(ours, "dpm-solver++", steps=S)
+    sampler = make_sampler(ours, "dpm-solver++", steps=S, skip_schedule="linear")
     theirs = diffusers.DPMSolverMultistepScheduler(
         num_train_timesteps=T, trained_betas=ours.betas, algorithm_type="dpmsolver++",
         solver_order=2, final_sigmas_type="zero", lower_order_final=True,

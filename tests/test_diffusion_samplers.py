@@ -229,11 +229,11 @@ def test_dpm_solver_pp_2m_is_algorithm_2(S, skip):
     d = GaussianDiffusion(betas, "eps", "fixed-small", "mse", decoder="continuous")
     sampler = make_sampler(d, "dpm-solver++", steps=S, skip_schedule=skip)
     assert isinstance(sampler, DPMSolverPPSampler)
-    # S evaluations at the S + 1 sub-sequence points but t = 0, from the top down
-    expected_steps = ddim_timesteps(T, S + 1, skip)[1:][::-1]
+    # S evaluations at the S + 1 sub-sequence points but t = 0, from the top down; its
+    # quadratic spacing spans all of [0, T-1] (time-quadratic), not DDIM's [0, 0.8 T]
+    expected_steps = ddim_timesteps(T, S + 1, skip, quadratic_end=1.0)[1:][::-1]
     np.testing.assert_array_equal(sampler.timesteps, expected_steps)
-    assert len(sampler.timesteps) == S and sampler.timesteps[0] == (T - 1 if skip == "linear"
-                                                                     else expected_steps[0])
+    assert len(sampler.timesteps) == S and sampler.timesteps[0] == T - 1
     fn = _smooth_fn(T)
     x_T = _randn(3, 4, seed=0)
 
@@ -454,7 +454,8 @@ def test_dpm_solver_pp_is_higher_order_than_ddim(analytic):
     errs = {}
     for name in ("ddim", "dpm-solver++"):
         for S in (25, 50):
-            x = sample(d, data.eps, make_sampler(d, name, steps=S), x_T, clip_denoised=False)
+            sampler = make_sampler(d, name, steps=S, skip_schedule="linear")
+            x = sample(d, data.eps, sampler, x_T, clip_denoised=False)
             errs[name, S] = _rms(x, ddim_all)
     ratio_ddim = errs["ddim", 25] / errs["ddim", 50]
     ratio_dpm = errs["dpm-solver++", 25] / errs["dpm-solver++", 50]

@@ -22,11 +22,13 @@ from ddpmkit.errors import UserError
 logger = logging.getLogger(__name__)
 
 DATASETS = ("mnist", "cifar10", "celeba", "celebahq")
-METRIC_CHOICES = ("fid", "pr", "kid", "is")
+METRIC_CHOICES = ("fid", "pr", "kid", "is", "bpd")
 METRICS_FILE = "metrics.jsonl"
 # what each result key is called when printed
 LABELS = {"fid": "FID", "precision": "Precision", "recall": "Recall", "kid_mean": "KID",
-          "kid_std": "KID std", "is_mean": "IS", "is_std": "IS std"}
+          "kid_std": "KID std", "is_mean": "IS", "is_std": "IS std", "bpd": "bits/dim",
+          "bpd_stderr": "bits/dim stderr", "prior_bpd": "prior bits/dim",
+          "decoder_bpd": "decoder bits/dim", "num_images": "images"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="pt_inception-2015-12-05-6726825d.pth (default: torch hub's checkpoint "
                         "folder, downloaded when missing)")
+    g = p.add_argument_group("bits/dim (--metrics bpd): the variational bound of a checkpoint")
+    g.add_argument("--chkpt-path", default=None, help="model checkpoint (ours or the "
+                   "reference project's)")
+    g.add_argument("--config-path", default=None, help="JSON config for checkpoints that carry "
+                   "none (default: configs/<dataset>.json)")
+    g.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
+    g.add_argument("--bpd-split", default="test", help="dataset split to evaluate on")
     p.add_argument("--kid-subsets", type=int, default=100, help="number of KID subsets")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset")
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
@@ -146,6 +155,46 @@ def reference_stats(args: argparse.Namespace, model, progress: bool):
                         "images") from exc
 
 
+def bits_per_dim(args: argparse.Namespace, device, progress: bool) -> dict:
+    """The DDPM bound in bits/dim of --chkpt-path on --dataset's --bpd-split."""
+    import math
+
+    from torch.utils.data import DataLoader, Subset
+
+    from ddpmkit.build import build_diffusion
+    from ddpmkit.config import find_config_file, load_json
+    from ddpmkit.data.images import build_dataset
+    from ddpmkit.metrics.bpd import dataset_bpd
+    from ddpmkit.metrics.folder import choose_subset
+    from ddpmkit.models.loading import load_model_from_checkpoint
+
+    if not args.chkpt_path:
+        raise UserError("--metrics bpd needs --chkpt-path FILE (the model to evaluate)")
+    fallback = None
+    if args.config_path or args.dataset:
+        try:
+            fallback = load_json(find_config_file(args.dataset, args.config_path))
+        except UserError:
+            if args.config_path:
+                raise
+    model, config = load_model_from_checkpoint(args.chkpt_path, fallback, args.use_ema, device)
+    diffusion = build_diffusion(config["diffusion"], decoder="discretized")
+    dataset = build_dataset(args.dataset, args.root, split=args.bpd_split,
+                            image_size=config.get("dataset", {}).get("resolution"),
+                            random_flip=False, download=args.download)
+    subset = choose_subset(len(dataset), args.eval_total_size, args.seed)
+    if subset is not None:
+        dataset = Subset(dataset, subset.tolist())
+    loader = DataLoader(dataset, batch_size=args.eval_batch_size, shuffle=False,
+                        num_workers=args.num_workers)
+    images = (batch[0] for batch in loader)
+    logger.info("bits/dim of %s on %d images of %s/%s (%d network calls per image)",
+                args.chkpt_path, len(dataset), args.dataset, args.bpd_split, diffusion.T)
+    summary = dataset_bpd(diffusion, model, images, device, seed=args.seed, progress=progress,
+                          total=math.ceil(len(dataset) / args.eval_batch_size))
+    return summary._asdict()
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from ddpmkit.metrics.evaluate import NEEDS_REFERENCE, compute_metrics
     from ddpmkit.metrics.folder import folder_batches
@@ -155,6 +204,12 @@ def evaluate(args: argparse.Namespace) -> int:
     model_device, eval_device = devices_of(args)
     progress = sys.stderr.isatty()
     metrics = list(dict.fromkeys(args.metrics))
+    results: dict = {}
+    if "bpd" in metrics:
+        metrics.remove("bpd")
+        results.update(bits_per_dim(args, model_device, progress))
+        if not metrics:
+            return _report(args, results, None, None, None, None)
 
     sample_folder = sample_folder_of(args)
     loader = folder_batches(sample_folder, args.eval_batch_size, args.num_workers,
@@ -170,26 +225,37 @@ def evaluate(args: argparse.Namespace) -> int:
     _check_counts(args, metrics, len(loader.dataset), ref.num_images if ref else None)
     logger.info("Inception features of %d samples in %s", len(loader.dataset), sample_folder)
     features = extract_features(model, loader, progress=progress, total=len(loader))
-    results = compute_metrics(
+    results.update(compute_metrics(
         features, ref, metrics, nhood_size=args.nhood_size,
         row_batch_size=args.row_batch_size, col_batch_size=args.col_batch_size,
         pr_reference_size=args.eval_total_size, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, is_splits=args.is_splits, seed=args.seed,
-        device=eval_device)
+        device=eval_device))
+    return _report(args, results, sample_folder, features.num_images, ref, model.identity)
 
+
+def _report(args, results, sample_folder, num_samples, ref, extractor) -> int:
+    """Print the results and append them as one JSON line to the metrics file."""
     for key, value in results.items():
-        print(f"{LABELS[key]}: {value:.6g}")
+        print(f"{LABELS.get(key, key)}: {value:.6g}")
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "folder_name": os.path.basename(os.path.normpath(sample_folder)),
-        "sample_folder": os.path.abspath(sample_folder),
-        "num_samples": features.num_images,
+        "folder_name": os.path.basename(os.path.normpath(sample_folder)) if sample_folder
+        else None,
+        "sample_folder": os.path.abspath(sample_folder) if sample_folder else None,
+        "num_samples": num_samples,
         "reference": ref.source if ref is not None else None,
         "num_reference": ref.num_images if ref is not None else None,
-        "extractor": model.identity,
+        "extractor": extractor,
+        "checkpoint": os.path.abspath(args.chkpt_path) if args.chkpt_path else None,
         "metrics": results,
     }
-    metrics_path = os.path.join(os.path.dirname(os.path.abspath(sample_folder)), METRICS_FILE)
+    if sample_folder:
+        metrics_path = os.path.join(os.path.dirname(os.path.abspath(sample_folder)),
+                                    METRICS_FILE)
+    else:  # bits/dim only: next to the checkpoint
+        metrics_path = os.path.join(os.path.dirname(os.path.abspath(args.chkpt_path)),
+                                    METRICS_FILE)
     with open(metrics_path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
     print(f"appended to {metrics_path}")

@@ -113,14 +113,17 @@ class DPMSolverPPSampler:
     evaluated), then a first-order final step to clean data."""
     T: int
     steps: int
-    skip_schedule: str = "linear"
+    skip_schedule: str = "quadratic"
     timesteps: np.ndarray = field(init=False)
 
     def __post_init__(self):
         if not 1 <= self.steps <= self.T - 1:
             raise ValueError(f"DPM-Solver++ steps must be in [1, {self.T - 1}], got {self.steps}")
         # S + 1 distinct points in [0, T), drop t = 0: the last step jumps to clean data.
-        self.timesteps = ddim_timesteps(self.T, self.steps + 1, self.skip_schedule)[:0:-1].copy()
+        # Quadratic spacing here spans all of [0, T-1] (the DPM-Solver paper's time-quadratic
+        # steps), not DDIM's [0, 0.8 T]: the solver starts from x_T at T-1.
+        self.timesteps = ddim_timesteps(self.T, self.steps + 1, self.skip_schedule,
+                                        quadratic_end=1.0)[:0:-1].copy()
 
     def needs_noise(self, i: int) -> bool:
         return False
@@ -152,9 +155,18 @@ class DPMSolverPPSampler:
         return x, x_0
 
 
+# Step spacing when none is asked for. DPM-Solver++ ends with a first-order jump from its
+# smallest timestep to clean data; with linear spacing that timestep is ~T/S, and the jump
+# squeezes narrow modes (toy data: to 0.2-0.4 of their width at 50-100 steps); quadratic
+# spacing puts it near t = 0 (measured in the README's sampler comparison).
+DEFAULT_SKIP_SCHEDULE = {"ddim": "linear", "dpm-solver++": "quadratic"}
+
+
 def make_sampler(diffusion: GaussianDiffusion, name: str = "ddpm", steps: Optional[int] = None,
-                 eta: float = 0.0, skip_schedule: str = "linear"):
-    """Build a sampler by name. `steps` defaults to T for ddim and 20 for dpm-solver++."""
+                 eta: float = 0.0, skip_schedule: Optional[str] = None):
+    """Build a sampler by name. `steps` defaults to T for ddim and 20 for dpm-solver++;
+    `skip_schedule` to linear for ddim and quadratic for dpm-solver++."""
+    skip_schedule = skip_schedule or DEFAULT_SKIP_SCHEDULE.get(name, "linear")
     if name == "ddpm":
         return DDPMSampler(diffusion.T)
     if name == "ddim":

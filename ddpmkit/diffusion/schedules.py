@@ -58,11 +58,17 @@ def get_beta_schedule(name: str, T: int, beta_start: float = 1e-4,
     return np.minimum(betas, MAX_BETA)
 
 
-def ddim_timesteps(T: int, S: int, kind: str = "linear") -> np.ndarray:
+# The DDIM paper's quadratic spacing ends at 0.8 T (its section D.2).
+DDIM_QUADRATIC_END = 0.8
+
+
+def ddim_timesteps(T: int, S: int, kind: str = "linear",
+                   quadratic_end: float = DDIM_QUADRATIC_END) -> np.ndarray:
     """S distinct, strictly increasing timesteps in [0, T) (int64, shape (S,)).
 
-    `linear`: evenly spaced from 0 to T-1. `quadratic`: spaced as i^2 from 0 to 0.8 T, as in the
-    DDIM paper, then nudged so that no step repeats (the paper's rounding repeats the first few).
+    `linear`: evenly spaced from 0 to T-1. `quadratic`: spaced as i^2 from 0 to
+    `quadratic_end` * T (0.8, as in the DDIM paper), then nudged so that no step repeats (the
+    paper's rounding repeats the first few).
     """
     T = _check_steps(T)
     if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or not 1 <= S <= T:
@@ -79,7 +85,8 @@ def ddim_timesteps(T: int, S: int, kind: str = "linear") -> np.ndarray:
         # exactly 1 apart (e.g. 1.5 and 2.5) to the same integer.
         steps = np.floor(np.linspace(0, T - 1, S) + 0.5).astype(np.int64)
     elif kind == "quadratic":
-        steps = np.floor(np.linspace(0, math.sqrt(T * 0.8), S) ** 2 + 0.5).astype(np.int64)
+        top = min(T * quadratic_end, T - 1)
+        steps = np.floor(np.linspace(0, math.sqrt(top), S) ** 2 + 0.5).astype(np.int64)
         for i in range(1, S):  # forward pass: strictly increasing
             steps[i] = max(steps[i], steps[i - 1] + 1)
         steps[-1] = min(steps[-1], T - 1)

@@ -7,6 +7,7 @@ unpickled as arbitrary code. `FORMAT_VERSION` is bumped when the layout changes.
 import glob
 import os
 import pickle
+import zipfile
 from typing import Any, Dict, Optional
 
 import torch
@@ -56,6 +57,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu",
         else:
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives since torch 1.6
+            raise UserError(f"checkpoint {path!r} is corrupt or not a PyTorch checkpoint "
+                            "(not a zip archive)") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
         raise UserError(
             f"checkpoint {path!r} holds objects that are not safe to load ({first}); "

@@ -22,6 +22,12 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
     """Call `write(f)` on a temp file beside `path`, then atomically move it to `path`."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -29,6 +35,8 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=folder)
     try:
+        # mkstemp makes the file owner-only; give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

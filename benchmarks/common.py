@@ -1,0 +1,83 @@
+"""Shared helpers for the benchmark scripts: timing, peak memory, FLOP counting, peak tables."""
+
+import contextlib
+import platform
+import resource
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+
+# Dense peak throughput (FLOP/s) of known GPUs, by a substring of the device name and dtype.
+# Vendor datasheets, without sparsity: H100/H200 SXM 989 TFLOP/s bf16, 67 fp32 (no TF32);
+# A100 312 bf16, 19.5 fp32.
+GPU_PEAKS = {
+    "H100": {"bf16": 989e12, "fp32": 67e12},
+    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in GPU_PEAKS.items():
+        if key in name:
+            return peaks.get(precision)
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def time_calls(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call of `fn` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs of one call, counted by torch's FlopCounterMode (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def format_row(values: Dict[str, object], widths: Dict[str, int]) -> str:
+    return "  ".join(str(values.get(k, "")).rjust(w) for k, w in widths.items())

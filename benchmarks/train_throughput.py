@@ -1,0 +1,123 @@
+"""Training throughput of the DDPM UNet: images/s, peak memory, achieved FLOP/s.
+
+Runs the project's own training step (ImageTrainer: loss, backward, clipping, Adam, EMA) on
+synthetic batches, once per configuration, so the eager fp32 baseline and the fast paths are
+measured in the same process at the same time:
+
+    python benchmarks/train_throughput.py                       # CIFAR-10 config, batch 8, CPU
+    python benchmarks/train_throughput.py --device cuda --batch-size 128 \
+        --modes fp32 fp32+cl bf16+cl+fused bf16+cl+fused+compile
+
+A mode is `+`-joined options: fp32 | bf16 (autocast, fp32 master weights), cl (channels_last),
+fused (fused Adam), compile (torch.compile of the model).
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    count_flops,
+    device_name,
+    format_row,
+    peak_flops,
+    peak_memory_mb,
+    reset_peak_memory,
+    time_calls,
+)
+
+from ddpmkit.build import build_diffusion  # noqa: E402
+from ddpmkit.config import find_config_file, load_json  # noqa: E402
+from ddpmkit.devices import resolve_device  # noqa: E402
+from ddpmkit.models import build_model  # noqa: E402
+from ddpmkit.training.images import ImageTrainer  # noqa: E402
+
+DEFAULT_CPU_MODES = ["fp32", "fp32+cl", "bf16", "bf16+cl"]
+DEFAULT_GPU_MODES = ["fp32", "fp32+cl+fused", "bf16+cl+fused", "bf16+cl+fused+compile"]
+
+
+def parse_mode(mode: str):
+    parts = set(mode.split("+"))
+    unknown = parts - {"fp32", "bf16", "cl", "fused", "compile"}
+    if unknown:
+        raise SystemExit(f"unknown mode option(s) {sorted(unknown)} in {mode!r}")
+    return {"precision": "bf16" if "bf16" in parts else "fp32", "channels_last": "cl" in parts,
+            "fused": "fused" in parts, "compile": "compile" in parts}
+
+
+def make_trainer(config, batch_size, device, opts, steps):
+    diffusion = build_diffusion(config["diffusion"])
+    channels, res = config["dataset"]["channels"], config["dataset"]["resolution"]
+    torch.manual_seed(0)
+    model = build_model(config["model"], diffusion.model_out_channels(channels)).to(device)
+    if opts["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if opts["compile"] else model
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.rand(batch_size, channels, res, res, generator=g) * 2 - 1).to(device)
+            for _ in range(2)] * (steps // 2 + 1)
+    trainer = ImageTrainer(
+        net, diffusion, data, epochs=10**6, lr=2e-4, warmup_steps=0, grad_clip=1.0,
+        ema_decay=0.9999, device=device, seed=0, progress=False, log_every=10**9,
+        fused=True if opts["fused"] else None,
+        amp_dtype=torch.bfloat16 if opts["precision"] == "bf16" else None,
+        random_flip=True, global_batch=batch_size, micro_batch=batch_size,
+        channels_last=opts["channels_last"])
+    return trainer, model, data
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="cifar10", help="shipped config name or JSON path")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode")
+    p.add_argument("--modes", nargs="+", default=None)
+    args = p.parse_args(argv)
+
+    device = resolve_device(args.device)
+    path = args.config if args.config.endswith(".json") else find_config_file(args.config)
+    config = load_json(path)
+    modes = args.modes or (DEFAULT_GPU_MODES if device.type == "cuda" else DEFAULT_CPU_MODES)
+    print(f"# training step, config {os.path.basename(path)}, batch {args.batch_size}, "
+          f"{device_name(device)}, torch {torch.__version__}")
+
+    trainer, model, data = make_trainer(config, args.batch_size, device, parse_mode("fp32"), 2)
+    x = data[0]
+    flops_per_image = count_flops(lambda: trainer.compute_loss(x).backward()) / args.batch_size
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"# {n_params / 1e6:.2f}M parameters; {flops_per_image / 1e9:.2f} GFLOP per training "
+          "image (forward + backward, counted)")
+    widths = {"mode": 24, "img/s": 9, "ms/step": 9, "speedup": 8, "peak MB": 9, "TFLOP/s": 8,
+              "% peak": 7}
+    print(format_row({k: k for k in widths}, widths))
+    baseline = None
+    for mode in modes:
+        opts = parse_mode(mode)
+        trainer, _, data = make_trainer(config, args.batch_size, device, opts,
+                                        args.steps + args.warmup)
+        reset_peak_memory(device)
+        batches = iter(range(10**9))
+
+        def step():
+            next(batches)
+            trainer.train_epoch(max_steps=trainer.step + 1)
+
+        seconds = time_calls(step, device, args.warmup, args.steps)
+        ips = args.batch_size / seconds
+        baseline = baseline or ips
+        achieved = ips * flops_per_image
+        peak = peak_flops(device, opts["precision"])
+        print(format_row({
+            "mode": mode, "img/s": f"{ips:.1f}", "ms/step": f"{seconds * 1e3:.0f}",
+            "speedup": f"{ips / baseline:.2f}x", "peak MB": f"{peak_memory_mb(device):.0f}",
+            "TFLOP/s": f"{achieved / 1e12:.3f}",
+            "% peak": f"{100 * achieved / peak:.1f}" if peak else "-"}, widths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Seeded, sharded, resumable sample generation: the library half of `ddpmkit generate`.
+
+Every sample is a pure function of (seed, global index): its starting noise x_T and the fresh
+noise of each stochastic step (DDPM, DDIM with eta > 0) come from a counter-based generator
+keyed by the seed and addressed by (index, stream, position). So the set of images does not
+depend on the batch size, the number of processes, or which images a resumed run still had to
+make, and process r of W simply takes indices r, r + W, r + 2W, ... (no communication).
+
+References:
+- Salmon, Moraes, Dror, Shaw (2011), "Parallel random numbers: as easy as 1, 2, 3" (SC'11):
+  the Philox4x32-10 counter-based generator (the one cuRAND and PyTorch's CUDA RNG use).
+- Box and Muller (1958): two uniforms -> two independent standard normals.
+
+Symbols: `B` batch, `*S` the sample shape (C, H, W) for images; a stream is 0 for x_T and
+1 + i for the noise of sampler step i (i = 0 .. S-1).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ddpmkit.diffusion.samplers import NoiseFn, StepInfo, sample
+from ddpmkit.errors import UserError
+from ddpmkit.utils.images import TEMP_SUFFIX, to_uint8, write_file_atomic, write_png
+
+log = logging.getLogger(__name__)
+
+# ---- Philox4x32-10 (Salmon et al. 2011, section 4.2) -------------------------------------
+# Round multipliers and the Weyl-sequence key increments ("golden ratio" and sqrt(3) - 1).
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+_TWO_POW_32 = 4294967296.0
+
+# Counter streams: x_T uses stream 0, the noise drawn at sampler step i uses stream 1 + i.
+X_T_STREAM = 0
+# Bumped if the mapping (seed, index, stream) -> noise ever changes; recorded in the manifest.
+NOISE_VERSION = "philox4x32-10/box-muller/v1"
+
+
+def _mulhilo32(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit halves of the 64-bit product a * b, for a constant a < 2^32 and int64
+    b in [0, 2^32). The full product overflows int64, so a is split into 16-bit halves and every
+    partial product stays below 2^49."""
+    p_lo = b * (a & 0xFFFF)                  # < 2^48
+    p_hi = b * (a >> 16)                     # < 2^48; a * b = p_hi 2^16 + p_lo
+    low = p_lo + ((p_hi & 0xFFFF) << 16)     # bits 0..47 of the product, plus carries
+    return (p_hi >> 16) + (low >> 32), low & _MASK32
+
+
+def philox4x32(counter: torch.Tensor, key: Sequence[int], rounds: int = PHILOX_ROUNDS
+               ) -> torch.Tensor:
+    """Philox4x32 of int64 counters (..., 4) holding uint32 words, with a 2-word key.
+
+    Returns (..., 4) int64 in [0, 2^32): four independent uniformly random 32-bit words per
+    counter. Bit-identical on every device (integer arithmetic only).
+    """
+    c0, c1, c2, c3 = counter.unbind(-1)
+    k0, k1 = int(key[0]) & _MASK32, int(key[1]) & _MASK32
+    for r in range(rounds):
+        hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        if r + 1 < rounds:
+            k0, k1 = (k0 + PHILOX_W0) & _MASK32, (k1 + PHILOX_W1) & _MASK32
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+class IndexedNoise:
+    """Standard normal noise as a pure function of (seed, sample index, stream, position).
+
+    `normal(indices, stream, shape)` -> (B, *shape): row b depends only on (seed, indices[b],
+    stream), never on the other rows or on the device.
+    """
+
+    def __init__(self, seed: int):
+        seed = int(seed) % 2**64
+        self.seed = seed
+        self.key = (seed & _MASK32, seed >> 32)
+
+    def normal(self, indices: torch.Tensor, stream: int, shape: Sequence[int],
+               device: torch.device | None = None, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+        device = torch.device(device) if device is not None else indices.device
+        # Indices must be >= 0 (checked by callers on the host: no device sync per step).
+        indices = torch.as_tensor(indices, dtype=torch.long).to(device).reshape(-1)
+        numel = math.prod(shape)
+        blocks = (numel + 3) // 4  # each counter yields 4 words -> 4 normals
+        B = indices.numel()
+        # (1) counters (B, blocks, 4): (position block, stream, index low word, index high word)
+        counter = torch.empty(B, blocks, 4, dtype=torch.long, device=device)
+        counter[..., 0] = torch.arange(blocks, dtype=torch.long, device=device)
+        counter[..., 1] = int(stream) & _MASK32
+        counter[..., 2] = (indices & _MASK32)[:, None]
+        counter[..., 3] = (indices >> 32)[:, None]
+        words = philox4x32(counter, self.key)  # (B, blocks, 4)
+        # (2) uniforms in (0, 1), never 0 (log) : u = (w + 1/2) / 2^32
+        fdtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        u = (words.to(fdtype) + 0.5) / _TWO_POW_32
+        # (3) Box-Muller on the pairs (u0, u1) and (u2, u3)
+        radius = torch.sqrt(-2.0 * torch.log(u[..., 0::2]))  # (B, blocks, 2)
+        angle = (2.0 * math.pi) * u[..., 1::2]
+        z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)
+        z = z.reshape(B, blocks * 4)[:, :numel]
+        return z.reshape(B, *shape).to(dtype)
+
+    def step_noise_fn(self, indices: torch.Tensor) -> NoiseFn:
+        """noise_fn(i, x) for `sample`: the noise of sampler step i for these samples."""
+        return lambda i, x: self.normal(indices, 1 + i, x.shape[1:], x.device, x.dtype)
+
+
+def sample_indexed(diffusion, denoise_fn, sampler, indices: Sequence[int], shape: Sequence[int],
+                   seed: int, device, dtype: torch.dtype = torch.float32,
+                   callback: Callable[[StepInfo], None] | None = None,
+                   progress: bool = False) -> torch.Tensor:
+    """Samples number `indices` (B,) of the seed's sequence: x_0 (B, *shape) on `device`."""
+    indices = [int(i) for i in indices]
+    if min(indices, default=0) < 0:
+        raise ValueError("sample indices must be non-negative")
+    noise = IndexedNoise(seed)
+    idx = torch.as_tensor(indices, dtype=torch.long, device=device)
+    x_T = noise.normal(idx, X_T_STREAM, shape, device, dtype)
+    return sample(diffusion, denoise_fn, sampler, x_T, noise_fn=noise.step_noise_fn(idx),
+                  callback=callback, progress=progress)
+
+
+# ---- processes ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place among the generating processes."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env_from_environ(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """RANK / WORLD_SIZE / LOCAL_RANK as set by `torchrun`; one process when they are absent."""
+    environ = os.environ if environ is None else environ
+    try:
+        world = int(environ.get("WORLD_SIZE", "1"))
+        rank = int(environ.get("RANK", "0"))
+        local = int(environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as exc:
+        raise UserError(f"bad RANK/WORLD_SIZE/LOCAL_RANK environment variables: {exc}") from exc
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise UserError(f"inconsistent RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}")
+    return DistEnv(rank, world, local)
+
+
+def shard(total_size: int, env: DistEnv) -> range:
+    """The global sample indices process `env.rank` of `env.world_size` makes."""
+    return range(env.rank, total_size, env.world_size)
+
+
+# ---- the sample folder -------------------------------------------------------------------
+SAMPLE_NAME = "{:06d}.png"
+_SAMPLE_RE = re.compile(r"^(\d+)\.png$")
+_TEMP_RE = re.compile(r"^\.(\d+)\.png\..*" + re.escape(TEMP_SUFFIX) + "$")
+MANIFEST_NAME = "generation.json"
+
+
+def sample_path(folder: str, index: int) -> str:
+    return os.path.join(folder, SAMPLE_NAME.format(index))
+
+
+def existing_samples(folder: str) -> set[int]:
+    """Indices of the finished (non-empty) sample files in `folder`."""
+    found: set[int] = set()
+    if not os.path.isdir(folder):
+        return found
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            m = _SAMPLE_RE.match(entry.name)
+            if m and entry.is_file() and entry.stat().st_size > 0:
+                found.add(int(m.group(1)))
+    return found
+
+
+def remove_stale_temp_files(folder: str, env: DistEnv) -> int:
+    """Delete temp files a killed run left for this process's indices (no other process writes
+    those, so this cannot race with a live writer). Returns how many were removed."""
+    removed = 0
+    if not os.path.isdir(folder):
+        return removed
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            m = _TEMP_RE.match(entry.name)
+            if m and int(m.group(1)) % env.world_size == env.rank:
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def check_manifest(folder: str, settings: dict[str, object], write: bool) -> None:
+    """Refuse to add samples to a folder made with other sampling settings.
+
+    The folder's `generation.json` records what decides the images (checkpoint hash, sampler,
+    steps, eta, seed, ...). A rerun with the same settings resumes; with different ones it is a
+    UserError, since skipping "existing" files would silently mix two sample sets. `write`:
+    create the file when absent (the main process only).
+    """
+    path = os.path.join(folder, MANIFEST_NAME)
+    if os.path.isfile(path):
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {path}: {exc}; delete it to start over") from exc
+        diffs = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items()
+                 if recorded.get(k) != v]
+        if diffs:
+            raise UserError(
+                f"{folder} holds samples made with other settings ({'; '.join(diffs[:3])}); "
+                "use another --suffix / --save-dir, or delete the folder to start over")
+    elif write:
+        os.makedirs(folder, exist_ok=True)
+        data = json.dumps(settings, indent=2, sort_keys=True) + "\n"
+        write_file_atomic(path, data.encode())
+
+
+@dataclass
+class GenerateResult:
+    written: int     # new files written by this process
+    skipped: int     # this process's files that already existed
+    seconds: float   # wall time of the sampling loop
+
+
+def generate_to_folder(diffusion, denoise_fn, sampler, shape: Sequence[int], folder: str,
+                       total_size: int, batch_size: int, seed: int, device,
+                       env: DistEnv = DistEnv(), max_workers: int = 8,
+                       dtype: torch.dtype = torch.float32, progress: bool = False
+                       ) -> GenerateResult:
+    """Make this process's share of samples 0..total_size-1 as `folder/NNNNNN.png`, skipping
+    files that already exist; PNGs are encoded and written by `max_workers` threads (0: inline)
+    while the next batch samples."""
+    if total_size < 1 or batch_size < 1:
+        raise UserError("total size and batch size must be at least 1")
+    os.makedirs(folder, exist_ok=True)
+    removed = remove_stale_temp_files(folder, env)
+    if removed:
+        log.info("removed %d unfinished temp file(s) left by an interrupted run", removed)
+    present = existing_samples(folder)
+    mine = shard(total_size, env)
+    todo = [i for i in mine if i not in present]
+    skipped = len(mine) - len(todo)
+    if skipped:
+        log.info("rank %d: %d of its %d samples already exist; making %d", env.rank, skipped,
+                 len(mine), len(todo))
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="generating", unit="img", dynamic_ncols=True)
+    start = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers) if max_workers > 0 else None
+    pending: deque = deque()
+    try:
+        for first in range(0, len(todo), batch_size):
+            batch = todo[first:first + batch_size]
+            x = sample_indexed(diffusion, denoise_fn, sampler, batch, shape, seed, device, dtype)
+            images = to_uint8(x)
+            for index, image in zip(batch, images):
+                path = sample_path(folder, index)
+                if pool is None:
+                    _write(path, image)
+                else:
+                    pending.append(pool.submit(_write, path, image))
+            # At most two batches of images wait for the writer threads (bounded memory).
+            while len(pending) > 2 * batch_size:
+                pending.popleft().result()
+            if bar is not None:
+                bar.update(len(batch))
+        while pending:
+            pending.popleft().result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if bar is not None:
+            bar.close()
+    return GenerateResult(len(todo), skipped, time.perf_counter() - start)
+
+
+def _write(path: str, image) -> None:
+    try:
+        write_png(path, image)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc}") from exc
+
+
+def count_samples(folder: str, total_size: int) -> int:
+    """How many of samples 0..total_size-1 exist in `folder`."""
+    return sum(1 for i in existing_samples(folder) if i < total_size)
+
+
+def first_samples(folder: str, count: int) -> list[str]:
+    """Paths of up to `count` of the lowest-numbered samples in `folder`."""
+    return [sample_path(folder, i) for i in sorted(existing_samples(folder))[:count]]

@@ -1,0 +1,196 @@
+"""Checkpoint file -> ready network: ddpmkit's own checkpoints and the reference project's files.
+
+Accepted layouts (all read with `torch.load(weights_only=True)`; the reference's numpy `fid`
+scalar is the only non-tensor object allowed):
+- ddpmkit trainer checkpoints: `model` (state_dict), `ema` (EMA weights), `config` (the resolved
+  config: dataset / diffusion / model / train sections), `step`, `epoch`, `format_version`.
+- reference trainer checkpoints: `model`, optionally `ema = {"decay", "shadow", "num_updates"}`,
+  `optimizer`, `scheduler`, `epoch`, `loss`, `fid`; no config, so the architecture comes from
+  `--dataset` / `--config-path` (a shipped `configs/<dataset>.json`).
+- bare state dicts (the reference's released `cifar10_2040.pt`).
+Key prefixes `module.` (DDP), `_model.` (the reference's pixel-shuffle wrapper) and
+`_orig_mod.` (torch.compile) are stripped.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddpmkit.errors import UserError
+from ddpmkit.training.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIXES = ("module.", "_model.", "_orig_mod.")
+# How many offending key names an error message lists.
+KEYS_SHOWN = 4
+
+StateDict = dict[str, torch.Tensor]
+
+
+def is_state_dict(obj: Any) -> bool:
+    """A non-empty mapping of names to tensors (and nothing else)."""
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
+                   ) -> StateDict:
+    """Remove leading `module.` / `_model.` / `_orig_mod.` (in any combination) from every key."""
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        name = key
+        while name.startswith(KEY_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in out:
+            raise UserError(f"{source}: keys {key!r} and another both map to {name!r} once "
+                            f"the prefixes {', '.join(KEY_PREFIXES)} are removed")
+        out[name] = value
+    return out
+
+
+def _ema_weights(ema: Any, source: str) -> StateDict:
+    """The averaged weights inside an `ema` entry: the reference's `{"shadow": ...}`, a wrapper
+    with `state_dict` / `params`, or a bare state dict."""
+    if isinstance(ema, Mapping):
+        for key in ("shadow", "state_dict", "params", "model"):
+            if key in ema and is_state_dict(ema[key]):
+                return dict(ema[key])
+        if is_state_dict(ema):
+            return dict(ema)
+    described = sorted(ema)[:KEYS_SHOWN] if isinstance(ema, Mapping) else type(ema).__name__
+    raise UserError(f"{source}: cannot find the EMA weights in its 'ema' entry ({described})")
+
+
+def select_weights(ckpt: Mapping[str, Any], use_ema: bool, source: str = "checkpoint"
+                   ) -> tuple[StateDict, str]:
+    """(state_dict with prefixes stripped, which entry it came from) from a loaded checkpoint.
+
+    `use_ema` takes the EMA weights and is an error when a trainer checkpoint has none (silently
+    using the raw weights instead would change the results). A bare state dict is used as it
+    is either way: it does not say whether it holds EMA weights.
+    """
+    if is_state_dict(ckpt):
+        return strip_prefixes(ckpt, source), "bare state dict"
+    if use_ema:
+        if ckpt.get("ema") is None:
+            raise UserError(f"{source} holds no EMA weights (no 'ema' entry); drop --use-ema "
+                            "to use its raw model weights")
+        return strip_prefixes(_ema_weights(ckpt["ema"], source), source), "ema"
+    if not is_state_dict(ckpt.get("model")):
+        keys = ", ".join(sorted(map(str, ckpt))[:8])
+        raise UserError(f"{source} is neither a state dict nor a trainer checkpoint with a "
+                        f"'model' entry (its keys: {keys})")
+    return strip_prefixes(ckpt["model"], source), "model"
+
+
+def checkpoint_config(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The resolved config a ddpmkit checkpoint carries, or None (reference files, bare dicts)."""
+    config = ckpt.get("config") if not is_state_dict(ckpt) else None
+    return dict(config) if isinstance(config, Mapping) and "model" in config else None
+
+
+def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Accept the reference project's config files as well as ours: its `dataset` is a bare
+    name and (in later versions) the network section is called `denoise`."""
+    config = dict(config)
+    if "model" not in config and isinstance(config.get("denoise"), Mapping):
+        config["model"] = dict(config.pop("denoise"))
+    if isinstance(config.get("dataset"), str):
+        config["dataset"] = {"name": config["dataset"]}
+    if not isinstance(config.get("model"), Mapping):
+        raise UserError("the config has no \"model\" section describing the network")
+    return config
+
+
+def image_shape(config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(C, H, W) of the images a config's network makes."""
+    from ddpmkit.data.images import dataset_info
+
+    data = config.get("dataset") or {}
+    channels = config["model"].get("in_channels") or data.get("channels")
+    resolution = data.get("resolution") or data.get("image_size")
+    if resolution is None:
+        if not data.get("name"):
+            raise UserError("the config names no dataset and no resolution")
+        channels_default, resolution = dataset_info(data["name"])
+        channels = channels or channels_default
+    return int(channels), int(resolution), int(resolution)
+
+
+def build_from_config(config: Mapping[str, Any]):
+    """(network, GaussianDiffusion) described by a config; the diffusion decides the network's
+    output channels (2C for a learned variance)."""
+    from ddpmkit.build import build_diffusion
+    from ddpmkit.models.unet import build_model
+
+    config = normalize_config(config)
+    diffusion = build_diffusion(config.get("diffusion") or {})
+    channels = image_shape(config)[0]
+    model = build_model(config["model"], diffusion.model_out_channels(channels))
+    return model, diffusion
+
+
+def _few(keys) -> str:
+    keys = list(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > KEYS_SHOWN else ""
+    return ", ".join(keys[:KEYS_SHOWN]) + more
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                 source: str = "checkpoint") -> None:
+    """`model.load_state_dict(state_dict)` with one readable UserError for missing or extra keys
+    and shape mismatches (a few of each are named)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    extra = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_few(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected key(s): {_few(extra)}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es) (file vs model): {_few(shapes)}")
+    if problems:
+        raise UserError(f"{source} does not fit the network its config describes: "
+                        + "; ".join(problems)
+                        + ". Check --dataset / --config-path (and group_norm_eps, block_size)")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def model_from_checkpoint_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any] | None = None,
+                               use_ema: bool = False, device: Any = "cpu",
+                               source: str = "checkpoint"):
+    """(model in eval mode on `device`, config) from an already loaded checkpoint dict.
+
+    The checkpoint's own config wins; `config` is used only when the file carries none (the
+    reference project's files), and one of the two must exist.
+    """
+    own = checkpoint_config(ckpt)
+    stored = None if is_state_dict(ckpt) else ckpt.get("config")
+    if own is None and isinstance(stored, Mapping):
+        raise UserError(f"{source} is not an image-model checkpoint: its config has no "
+                        "\"model\" section (a `train-toy` checkpoint?)")
+    if own is None and config is None:
+        raise UserError(f"{source} carries no config (a reference-project file or bare weights); "
+                        "name the architecture with --dataset NAME or --config-path FILE")
+    config = normalize_config(own if own is not None else config)
+    state_dict, entry = select_weights(ckpt, use_ema, source)
+    model, _ = build_from_config(config)
+    load_weights(model, state_dict, f"{source} ({entry})")
+    log.info("loaded %s weights from %s", entry, source)
+    return model.to(device).eval(), config
+
+
+def load_model_from_checkpoint(path: str, config: Mapping[str, Any] | None = None,
+                               use_ema: bool = False, device: Any = "cpu"):
+    """(model in eval mode on `device`, resolved config) from a checkpoint file of ddpmkit or the
+    reference project. `config` supplies the architecture when the file has none."""
+    ckpt = load_checkpoint(path, map_location="cpu", allow_numpy_scalars=True)
+    return model_from_checkpoint_dict(ckpt, config, use_ema, device, source=repr(path))

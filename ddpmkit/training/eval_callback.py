@@ -1,0 +1,95 @@
+"""FID (and precision/recall) during training (`--eval`), with the same code as `ddpmkit eval`.
+
+Every `eval.intv` epochs each process samples its share of `eval.total_size` images with the
+EMA weights (seeded by sample index, as `ddpmkit generate` does), extracts Inception features,
+and the main process gathers them and scores them against the cached reference statistics of
+the training set. Missing Inception weights or reference data are reported before training
+starts, not after the first epochs.
+"""
+
+import logging
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ddpmkit.devices import resolve_device
+from ddpmkit.training.trainer import Callback, Trainer
+
+logger = logging.getLogger(__name__)
+
+EVAL_SEED = 0  # the same sample noise at every evaluation, so scores differ only by the model
+
+
+class FIDCallback(Callback):
+    def __init__(self, config: Dict[str, Any], args, diffusion, shape: Sequence[int],
+                 device: torch.device):
+        ev = config.get("eval", {})
+        self.every = int(ev.get("intv") or 0)
+        self.total = int(ev.get("total_size", 50000))
+        self.batch = int(ev.get("batch_size", 256))
+        self.sampler_name = "ddim" if ev.get("use_ddim") else "ddpm"
+        self.steps = int(ev.get("subseq_size") or 0) or None
+        self.skip_schedule = ev.get("skip_schedule", "linear")
+        self.metrics = ("fid", "pr")
+        self.diffusion, self.shape = diffusion, tuple(shape)
+        self.dataset = config["dataset"]
+        self.weights = getattr(args, "inception_weights", None)
+        self.precomputed_dir = getattr(args, "precomputed_dir", "./precomputed")
+        eval_device = getattr(args, "eval_device", "auto")
+        self.device = device if eval_device in (None, "auto") else resolve_device(eval_device)
+        self.inception = None
+        self.ref_stats = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        from ddpmkit.metrics import load_fid_inception
+        from ddpmkit.metrics.stats import dataset_reference_stats
+
+        self.inception = load_fid_inception(self.weights, device=self.device)
+        if trainer.is_main:
+            self.ref_stats = dataset_reference_stats(
+                self.inception, self.dataset["name"], self.dataset["root"],
+                self.precomputed_dir, split="train", progress=True)
+
+    def evaluate(self, trainer: Trainer) -> Optional[Dict[str, float]]:
+        from ddpmkit.diffusion import make_sampler
+        from ddpmkit.generation import DistEnv, sample_indexed, shard
+        from ddpmkit.metrics import compute_metrics, extract_features
+        from ddpmkit.metrics.inception import InceptionFeatures
+
+        env = DistEnv(trainer.rank, trainer.world_size)
+        model = trainer.sampling_model
+        was_training = model.training
+        model.eval()
+        sampler = make_sampler(self.diffusion, self.sampler_name, steps=self.steps,
+                               skip_schedule=self.skip_schedule)
+        mine = list(shard(self.total, env))
+
+        def batches():
+            for first in range(0, len(mine), self.batch):
+                idx = mine[first:first + self.batch]
+                with trainer._autocast():
+                    x = sample_indexed(self.diffusion, model, sampler, idx, self.shape,
+                                       EVAL_SEED, trainer.device)
+                yield torch.floor((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+
+        try:
+            feats = extract_features(self.inception, batches())
+        finally:
+            model.train(was_training)
+        if trainer.world_size > 1:
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, (feats.pool, feats.logits_unbiased))
+            feats = InceptionFeatures(np.concatenate([g[0] for g in gathered]),
+                                      np.concatenate([g[1] for g in gathered]))
+        if not trainer.is_main:
+            return None
+        results = compute_metrics(feats, self.ref_stats, self.metrics, device=self.device)
+        trainer.log_record({"step": trainer.step, "epoch": trainer.epoch, **results})
+        logger.info("epoch %d: %s", trainer.epoch,
+                    "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        return results
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        if self.every and trainer.epoch % self.every == 0:
+            self.evaluate(trainer)

@@ -1,0 +1,174 @@
+"""Image output: [-1, 1] tensors to uint8, atomic PNG files, sample grids, denoising animations.
+
+Shapes: image batches `x` are (B, C, H, W) floats in [-1, 1]; uint8 arrays are (B, H, W, C)
+(PIL's layout) with C = 1 (grayscale) or 3 (RGB). Scatter plots for 2-D toy data live in
+`ddpmkit.utils.plots`.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+ANIMATION_FORMATS = ("gif", "webp")
+# Hold the final frame of an animation this many times longer than the others.
+FINAL_FRAME_HOLD = 10
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C): round((x + 1) * 127.5), clamped.
+
+    Rounds to nearest like torchvision's `save_image` (the reference's first release truncated,
+    which biases every pixel down by half a level on average).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
+    x = x.detach().float()
+    x = torch.nan_to_num(x, nan=0.0)  # a diverged sample becomes gray, not undefined bytes
+    pixels = torch.floor((x + 1) * 127.5 + 0.5).clamp_(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _pil_image(array: np.ndarray) -> Image.Image:
+    """uint8 (H, W, C) -> PIL image (mode L for one channel, RGB for three)."""
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (1, 3):
+        raise ValueError(f"expected uint8 (H, W, 1|3), got {array.dtype} {array.shape}")
+    if array.shape[2] == 1:
+        return Image.fromarray(array[:, :, 0], mode="L")
+    return Image.fromarray(array, mode="RGB")
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 (H, W, C) image. Deterministic: same pixels, same bytes."""
+    buffer = io.BytesIO()
+    _pil_image(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def temp_name_prefix(path: str) -> str:
+    """Prefix of the temp files `write_file_atomic` makes for `path` (to clean up after a kill)."""
+    return "." + os.path.basename(path) + "."
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Write `data` to a hidden temp file beside `path`, then rename it to `path`.
+
+    A process killed at any moment leaves either no file or the whole file at `path` (plus at
+    worst a hidden `.NAME.*.tmp` that `remove_stale_temp_files` deletes). Unlike
+    `ddpmkit.utils.io.atomic_write` there is no fsync: a sample folder holds tens of thousands of
+    files that can be regenerated bit-for-bit, so durability across power loss is not worth two
+    fsyncs per image; readers treat an empty file as missing. The file gets the usual
+    permissions (0666 less the umask), not mkstemp's owner-only 0600.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, temp_name_prefix(path) + secrets.token_hex(6) + TEMP_SUFFIX)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_png(path: str, array: np.ndarray) -> None:
+    """Encode uint8 (H, W, C) as PNG and write it atomically to `path`."""
+    write_file_atomic(path, encode_png(array))
+
+
+def read_image_uint8(path: str) -> np.ndarray:
+    """A PNG/JPEG file as uint8 (H, W, C)."""
+    with Image.open(path) as im:
+        array = np.asarray(im)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def grid_array(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tile uint8 images (B, H, W, C) into one uint8 (H', W', C) grid, `nrow` images per row
+    (default: about sqrt(B)), separated by `padding` black pixels."""
+    from torchvision.utils import make_grid
+
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"expected a non-empty batch (B, H, W, C), got {images.shape}")
+    nrow = nrow or max(1, int(np.ceil(np.sqrt(len(images)))))
+    grid = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=nrow, padding=padding)
+    grid = grid.permute(1, 2, 0).numpy()  # (H', W', 3): make_grid repeats gray to RGB
+    return np.ascontiguousarray(grid[:, :, :1] if images.shape[3] == 1 else grid)
+
+
+def save_grid(path: str, images: np.ndarray, nrow: int | None = None) -> None:
+    """Write a sample grid PNG of uint8 images (B, H, W, C)."""
+    write_png(path, grid_array(images, nrow))
+
+
+def save_animation(path: str, frames: Sequence[np.ndarray], frame_ms: int = 40,
+                   hold_last: int = FINAL_FRAME_HOLD) -> None:
+    """Write uint8 frames (each (H, W, C)) as an animated GIF or WebP, chosen by `path`'s suffix.
+
+    The last frame is shown `hold_last` times as long, so the result can be seen.
+    """
+    fmt = os.path.splitext(path)[1].lower().lstrip(".")
+    if fmt not in ANIMATION_FORMATS:
+        raise ValueError(f"animation file must end in .gif or .webp, got {path!r}")
+    if not frames:
+        raise ValueError("no frames to animate")
+    images = [_pil_image(f) for f in frames]
+    durations = [frame_ms] * (len(images) - 1) + [frame_ms * hold_last]
+    buffer = io.BytesIO()
+    options = {"lossless": True} if fmt == "webp" else {"optimize": False}
+    images[0].save(buffer, format=fmt.upper(), save_all=True, append_images=images[1:],
+                   duration=durations, loop=0, **options)
+    write_file_atomic(path, buffer.getvalue())
+
+
+def frame_steps(num_steps: int, max_frames: int) -> list[int]:
+    """At most `max_frames` step indices out of 0..num_steps-1, evenly spread, always with the
+    last one (the finished sample)."""
+    if num_steps <= 0 or max_frames <= 0:
+        return []
+    if num_steps <= max_frames:
+        return list(range(num_steps))
+    picks = np.linspace(0, num_steps - 1, max_frames).round().astype(int)
+    return sorted(set(picks.tolist()))
+
+
+class FrameRecorder:
+    """Sampler callback that keeps grid frames of the predicted x_0 (or the current x_t) of the
+    first `count` samples at selected steps; pass it as `sample(..., callback=recorder)`.
+
+    target: "x_0" (the network's prediction of the clean image at each step: converges from a
+        blur to the sample) or "x_t" (the noisy state itself).
+    """
+
+    TARGETS = ("x_0", "x_t")
+
+    def __init__(self, num_steps: int, count: int = 8, target: str = "x_0",
+                 max_frames: int = 100, nrow: int | None = None):
+        if target not in self.TARGETS:
+            raise ValueError(f"unknown animation target {target!r}; choose x_0 or x_t")
+        self.count = count
+        self.target = target
+        self.nrow = nrow or count
+        self.keep = set(frame_steps(num_steps, max_frames))
+        self.frames: list[np.ndarray] = []
+
+    def __call__(self, info) -> None:
+        if info.i not in self.keep:
+            return
+        x = info.pred_x_0 if self.target == "x_0" else info.x
+        self.frames.append(grid_array(to_uint8(x[:self.count].clamp(-1, 1)), nrow=self.nrow))
