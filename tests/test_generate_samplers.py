@@ -63,8 +63,8 @@ def test_analytic_gaussian_exact_solution():
     assert 1.7 < ddim_ratio < 2.3 and dpm_ratio > 3.5, (ddim_ratio, dpm_ratio)
     # DPM-Solver++'s default time-quadratic steps pay off where it is meant to be used, at
     # 10-20 steps (measured on mu, s = 0.5: 0.022 vs 0.096 at 10 steps).
-    for steps in (10, 20):
-        assert error("dpm-solver++", steps, None) < 0.6 * error("dpm-solver++", steps), steps
+    assert error("dpm-solver++", 10, None) < 0.5 * error("dpm-solver++", 10)
+    assert error("dpm-solver++", 20, None) < 0.8 * error("dpm-solver++", 20)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,10 @@ def test_trained_toy_model_against_ddim_all_steps(toy_model):
     reference = sample(diffusion, net, make_sampler(diffusion, "ddim", steps=T), x_T)
     err_ddim = _rms(sample(diffusion, net, make_sampler(diffusion, "ddim", steps=STEPS), x_T),
                     reference)
-    err_dpm = _rms(sample(diffusion, net,
-                          make_sampler(diffusion, "dpm-solver++", steps=STEPS), x_T), reference)
-    assert err_dpm < 0.7 * err_ddim, (err_dpm, err_ddim)
+    err_dpm = _rms(sample(diffusion, net, make_sampler(
+        diffusion, "dpm-solver++", steps=STEPS, skip_schedule="linear"), x_T), reference)
+    assert err_dpm < 0.7 * err_ddim, (err_dpm, err_ddim)  # the same step spacing
+    err_default = _rms(sample(diffusion, net, make_sampler(diffusion, "dpm-solver++",
+                                                           steps=STEPS), x_T), reference)
+    assert err_default < err_ddim, (err_default, err_ddim)  # its default spacing
     assert err_ddim < 0.3  # both approach the T-step result
