@@ -70,8 +70,9 @@ def test_parser_has_the_reference_flags():
     assert (args.eval_dir, args.precomputed_dir, args.metrics, args.nhood_size) == \
         ("./images/eval", "./precomputed", ["fid", "pr"], 3)
     assert (args.row_batch_size, args.col_batch_size, args.seed) == (10000, 10000, 1234)
+    assert parser.parse_args(["--metrics", "bpd"]).metrics == ["bpd"]
     with pytest.raises(SystemExit):
-        parser.parse_args(["--metrics", "bpd"])
+        parser.parse_args(["--metrics", "nll"])
 
 
 def test_devices_and_sample_folder_spellings():

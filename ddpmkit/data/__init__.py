@@ -15,3 +15,13 @@ __all__ = [
     "build_loader",
     "dataset_info",
 ]
+
+from ddpmkit.data.toy import (  # the 2-D toy datasets
+    TOY_DATASETS,
+    TensorBatches,
+    make_toy_data,
+    toy_generator,
+    toy_mixture,
+)
+
+__all__ += ["TOY_DATASETS", "TensorBatches", "make_toy_data", "toy_generator", "toy_mixture"]

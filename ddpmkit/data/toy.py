@@ -11,10 +11,11 @@ Every dataset is scaled to about unit variance per axis, as in the reference pro
 
 Symbols: `N` number of points, `K` number of mixture modes, `D` = 2 dimensions.
 """
+from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ class ToyMixture:
     std: float
 
 
-def _gaussian8_raw() -> Tuple[np.ndarray, float, float]:
+def _gaussian8_raw() -> tuple[np.ndarray, float, float]:
     angles = np.arange(8) * (math.pi / 4)
     modes = GAUSSIAN8_RADIUS * np.stack([np.cos(angles), np.sin(angles)], axis=1)
     # Per-axis variance of the mixture: E[cos^2] * r^2 + std^2 = r^2 / 2 + std^2.
@@ -44,7 +45,7 @@ def _gaussian8_raw() -> Tuple[np.ndarray, float, float]:
     return modes, GAUSSIAN8_STD, scale
 
 
-def _gaussian25_raw() -> Tuple[np.ndarray, float, float]:
+def _gaussian25_raw() -> tuple[np.ndarray, float, float]:
     grid = GAUSSIAN25_SPACING * np.arange(-2, 3, dtype=np.float64)
     modes = np.stack(np.meshgrid(grid, grid, indexing="ij"), axis=-1).reshape(-1, 2)
     # Per-axis variance: mean of {16, 4, 0, 4, 16} = 8, plus the mode variance.
@@ -55,7 +56,7 @@ def _gaussian25_raw() -> Tuple[np.ndarray, float, float]:
 _MIXTURES = {"gaussian8": _gaussian8_raw, "gaussian25": _gaussian25_raw}
 
 
-def _swissroll_axis_std() -> Tuple[float, float]:
+def _swissroll_axis_std() -> tuple[float, float]:
     """Exact per-axis std of (t cos t, t sin t) + noise, t ~ U(a, b) with b - a = 3 pi.
 
     Over a whole number of half-periods the moments have closed forms:
@@ -83,7 +84,7 @@ def _swissroll_axis_std() -> Tuple[float, float]:
     return math.sqrt(var_x), math.sqrt(var_y)
 
 
-def toy_mixture(name: str) -> Optional[ToyMixture]:
+def toy_mixture(name: str) -> ToyMixture | None:
     """Mode locations and std of a Gaussian-mixture toy dataset (None for `swissroll`)."""
     check_toy_name(name)
     if name not in _MIXTURES:
@@ -172,7 +173,7 @@ class TensorBatches:
 
     def iter_from(self, start: int) -> Iterator[torch.Tensor]:
         """Batches of the current epoch, starting at batch index `start`."""
-        order = self._order()
+        order = self._order().to(self.data.device)
         for i in range(start, len(self)):
             yield self.data[order[i * self.batch_size:(i + 1) * self.batch_size]]
 

@@ -13,24 +13,25 @@
 
 Shapes: points (N, 2); modes (K, 2).
 """
-
-import math
-from typing import Dict, Optional, Tuple
+from __future__ import annotations
 
 import numpy as np
 import torch
 
-# Pseudo-count added to every bin of the generated histogram (Jeffreys-style smoothing).
-PSEUDOCOUNT = 0.5
+# Pseudo-count added to every bin of the generated histogram: small, so that its total
+# (PSEUDOCOUNT * bins^2) stays far below the number of generated points and adds no floor.
+PSEUDOCOUNT = 0.01
 # A mode counts as covered with at least this fraction of its fair share N/K of points.
 COVER_FRACTION = 0.1
 # "High quality": within this many standard deviations of the nearest mode.
 NUM_STDS = 3.0
 # Default grid: bins per axis, and the padding added around the true data's bounding box.
-DEFAULT_BINS = 100
+DEFAULT_BINS = 64
 RANGE_PADDING = 0.05
+# Stand-in coordinate for non-finite generated points.
+FAR_AWAY = 1e6
 
-ValueRange = Tuple[Tuple[float, float], Tuple[float, float]]
+ValueRange = tuple[tuple[float, float], tuple[float, float]]
 
 
 def _as_numpy(points) -> np.ndarray:
@@ -59,7 +60,7 @@ def hist2d(points, bins: int, value_range: ValueRange) -> np.ndarray:
 
 
 def histogram_kl(true_points, gen_points, bins: int = DEFAULT_BINS,
-                 value_range: Optional[ValueRange] = None,
+                 value_range: ValueRange | None = None,
                  pseudocount: float = PSEUDOCOUNT) -> float:
     """KL(P_true || Q_gen) of 2-D histograms, in nats.
 
@@ -82,7 +83,7 @@ def _kl_from_counts(p_counts: np.ndarray, q_counts: np.ndarray, n_gen: int,
 
 
 def mode_stats(gen_points, modes, std: float, num_stds: float = NUM_STDS,
-               cover_fraction: float = COVER_FRACTION) -> Dict[str, object]:
+               cover_fraction: float = COVER_FRACTION) -> dict[str, object]:
     """Mode coverage of generated points for a Gaussian mixture with isotropic `std`.
 
     Returns `modes_covered` (int), `num_modes` (K), `high_quality` (share of points within
@@ -120,7 +121,7 @@ class ToyEvaluator:
         bins: histogram bins per axis.
     """
 
-    def __init__(self, true_points, reference_points=None, modes=None, std: Optional[float] = None,
+    def __init__(self, true_points, reference_points=None, modes=None, std: float | None = None,
                  bins: int = DEFAULT_BINS):
         self.bins = bins
         self.value_range = value_range_of(true_points)
@@ -128,7 +129,7 @@ class ToyEvaluator:
         self.num_true = len(_as_numpy(true_points))
         self.modes = None if modes is None else _as_numpy(modes)
         self.std = std
-        self.kl_floor: Optional[float] = None
+        self.kl_floor: float | None = None
         if reference_points is not None:
             self.kl_floor = self.kl(reference_points)
 
@@ -137,15 +138,18 @@ class ToyEvaluator:
         q_counts = hist2d(x, self.bins, self.value_range)
         return _kl_from_counts(self.true_counts, q_counts, len(x), PSEUDOCOUNT)
 
-    def evaluate(self, gen_points) -> Dict[str, object]:
+    def evaluate(self, gen_points) -> dict[str, object]:
         """`kl` (and `kl_floor`), plus the mode statistics for mixtures."""
         x = _as_numpy(gen_points)
         finite = np.isfinite(x).all(axis=1)
-        out: Dict[str, object] = {"kl": self.kl(x[finite]) if finite.any() else math.inf}
+        if not finite.all():
+            # Diverged samples are far from everything: off the grid and far from every mode.
+            x = np.where(finite[:, None], x, FAR_AWAY)
+        out: dict[str, object] = {"kl": self.kl(x)}
         if not finite.all():
             out["non_finite"] = int((~finite).sum())
         if self.kl_floor is not None:
             out["kl_floor"] = self.kl_floor
         if self.modes is not None and self.std is not None:
-            out.update(mode_stats(x[finite], self.modes, self.std))
+            out.update(mode_stats(x, self.modes, self.std))
         return out

@@ -7,3 +7,7 @@ __all__ = [
     "build_model",
     "count_parameters",
 ]
+
+from ddpmkit.models.toy import ToyMLP  # the 2-D toy network
+
+__all__ += ["ToyMLP"]

@@ -47,12 +47,11 @@ class ImageTrainer(Trainer):
         self.channels_last = channels_last
         self.global_batch = global_batch
         self.micro_batch = micro_batch
-        self._micro_index = 0
         self._draws: Optional[Dict[str, torch.Tensor]] = None
 
     def _slots(self) -> slice:
         """Global slots of this process's examples in the current micro-batch."""
-        W, m, a = self.world_size, self.micro_batch, self._micro_index
+        W, m, a = self.world_size, self.micro_batch, self.micro_index
         return slice(a * m * W + self.rank, (a + 1) * m * W, W)
 
     def _draw(self, shape: torch.Size) -> Dict[str, torch.Tensor]:
@@ -65,7 +64,7 @@ class ImageTrainer(Trainer):
         }
 
     def compute_loss(self, x_0: torch.Tensor) -> torch.Tensor:
-        if self._micro_index == 0 or self._draws is None:
+        if self.micro_index == 0 or self._draws is None:
             self._draws = self._draw(x_0.shape)
         s = self._slots()
         t, noise = self._draws["t"][s], self._draws["noise"][s].to(x_0.dtype)
@@ -75,7 +74,6 @@ class ImageTrainer(Trainer):
         if self.channels_last:
             x_0 = x_0.contiguous(memory_format=torch.channels_last)
             noise = noise.contiguous(memory_format=torch.channels_last)
-        self._micro_index = (self._micro_index + 1) % self.num_accum
         with self._autocast():
             losses = self.diffusion.training_losses(self.model, x_0, t, noise)
         return losses.float().mean()
