@@ -77,7 +77,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode")
     p.add_argument("--modes", nargs="+", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 gives stable numbers on a shared machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
     path = args.config if args.config.endswith(".json") else find_config_file(args.config)
@@ -101,10 +105,8 @@ def main(argv=None):
         trainer, _, data = make_trainer(config, args.batch_size, device, opts,
                                         args.steps + args.warmup)
         reset_peak_memory(device)
-        batches = iter(range(10**9))
 
-        def step():
-            next(batches)
+        def step(trainer=trainer):
             trainer.train_epoch(max_steps=trainer.step + 1)
 
         seconds = time_calls(step, device, args.warmup, args.steps)

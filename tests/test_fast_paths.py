@@ -64,3 +64,17 @@ def test_compiled_model_matches_eager():
     t = torch.tensor([1, 8])
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t), model(x, t), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_on_cpu_stays_close_to_fp32():
+    model, diffusion = tiny_unet(), build_diffusion({"timesteps": 100})
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1
+    t = torch.randint(100, (8,), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        fp32 = diffusion.training_losses(model, x, t, noise).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = diffusion.training_losses(model, x, t, noise).mean()
+    assert bf16.dtype == torch.float32  # the loss itself is computed in float32
+    assert abs(bf16.item() - fp32.item()) < 2e-2 * fp32.item()

@@ -4,6 +4,7 @@ Each subcommand module exposes `build_parser()` and `main(argv) -> int`; `main` 
 `run_guarded` turns a `UserError` into a one-line message and exit status 2.
 """
 
+import argparse
 import importlib
 import logging
 import sys
@@ -20,6 +21,14 @@ SUBCOMMANDS = {
 }
 
 USAGE = "usage: ddpmkit {" + ",".join(SUBCOMMANDS) + "} [flags]   (ddpmkit SUBCOMMAND --help)"
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a one-line UserError (exit 2 via `run_guarded`), not usage
+    text and a SystemExit from deep inside the parser."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
 
 
 def run_guarded(fn: Callable[[], Optional[int]]) -> int:

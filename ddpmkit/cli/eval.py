@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from ddpmkit.cli import run_guarded, setup_logging
+from ddpmkit.cli import CLIParser, run_guarded, setup_logging
 from ddpmkit.devices import resolve_device
 from ddpmkit.errors import UserError
 
@@ -32,7 +32,7 @@ LABELS = {"fid": "FID", "precision": "Precision", "recall": "Recall", "kid_mean"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CLIParser(
         prog="ddpmkit eval",
         description="Evaluate generated images: FID, precision/recall, KID, Inception Score.")
     p.add_argument("--root", default="~/datasets", help="root directory of datasets")
@@ -263,9 +263,8 @@ def _report(args, results, sample_folder, num_samples, ref, extractor) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     setup_logging()
-    return run_guarded(lambda: evaluate(args))
+    return run_guarded(lambda: evaluate(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":  # pragma: no cover

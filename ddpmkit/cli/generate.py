@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ddpmkit.cli import run_guarded, setup_logging
+from ddpmkit.cli import CLIParser, run_guarded, setup_logging
 from ddpmkit.config import find_config_file, load_json, parse_with_explicit
 from ddpmkit.devices import resolve_device
 from ddpmkit.diffusion.samplers import SAMPLERS, make_sampler
@@ -62,15 +62,8 @@ MAX_ANIMATION_FRAMES = 100
 BARRIER_TIMEOUT = timedelta(days=7)
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad flags are one line (`error: ...`, exit 2), like every other user error."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see `{self.prog} --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ddpmkit generate",
+    p = CLIParser(prog="ddpmkit generate",
                 description="Generate samples from a trained checkpoint (DDPM, DDIM or "
                             "DPM-Solver++), one PNG per sample.")
     p.add_argument("--dataset", choices=IMAGE_DATASETS, default=DEFAULT_DATASET,

@@ -9,7 +9,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Set
 
-from ddpmkit.cli import run_guarded, setup_logging
+from ddpmkit.cli import CLIParser, run_guarded, setup_logging
 from ddpmkit.config import deep_update, find_config_file, load_json, parse_with_explicit
 from ddpmkit.diffusion import BETA_SCHEDULES, LOSS_TYPES, MODEL_MEAN_TYPES, MODEL_VAR_TYPES
 from ddpmkit.diffusion.schedules import SKIP_SCHEDULES
@@ -74,7 +74,8 @@ def _int_list(text: str) -> List[int]:
     try:
         return [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
 
 
 def _bool_list(text: str) -> List[bool]:
@@ -82,7 +83,7 @@ def _bool_list(text: str) -> List[bool]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CLIParser(
         prog="ddpmkit train",
         description="Train a DDPM on an image dataset (flags of the reference train.py). "
                     "Precedence: defaults < configs/<dataset>.json < typed flags.")

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ddpmkit.cli import CLIParser
 from ddpmkit.config import dump_json, parse_with_explicit
 from ddpmkit.data.toy import TOY_DATASETS, TensorBatches, make_toy_data, toy_generator, toy_mixture
 from ddpmkit.errors import UserError
@@ -66,15 +67,8 @@ MUST_MATCH_ON_RESUME = ("dataset", "timesteps", "beta_schedule", "beta_start", "
                         "num_temporal_layers", "fourier_features", "fourier_scale")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a one-line UserError instead of usage text + exit."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ddpmkit train-toy",
+    p = CLIParser(prog="ddpmkit train-toy",
                 description="Train a DDPM on 2-D toy data (gaussian8, gaussian25, swissroll).")
     # ---- the reference project's flags (names, types, defaults) ----
     p.add_argument("--dataset", choices=TOY_DATASETS, default="gaussian8")

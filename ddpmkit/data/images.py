@@ -8,9 +8,9 @@ reference project (and DDPM, Ho et al. 2020, appendix B):
 |------------|----------------------------------------------------|--------------------------------|
 | `mnist`    | MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] | resize 28 -> 32, 1 channel |
 | `cifar10`  | cifar-10-batches-py/{data_batch_1..5,test_batch}   | random horizontal flip         |
-| `celeba`   | celeba/img_align_celeba/*.jpg, celeba/list_eval_partition.txt | crop 148x148 at top 40, left 15; resize 64; flip |
+| `celeba`   | celeba/img_align_celeba/*.jpg + list_eval_partition.txt | crop 148 at (40,15), resize 64 |
 | `celebahq` | celeba_hq/img_celeba_hq/*.png (256x256)            | random horizontal flip         |
-| `folder`   | ROOT itself: any tree of .png/.jpg/.jpeg/.bmp/.webp | center square crop, resize to --image-size; flip on request |
+| `folder`   | ROOT itself: any tree of .png/.jpg/.jpeg/.bmp/.webp | center crop, resize --image-size    |
 
 MNIST and CIFAR-10 are small and are held in memory as uint8 tensors; the others are decoded
 from files per item (use worker processes). Resizing uses PIL's antialiased bilinear filter
