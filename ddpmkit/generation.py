@@ -23,7 +23,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +32,7 @@ import torch
 
 from ddpmkit.diffusion.samplers import NoiseFn, StepInfo, sample
 from ddpmkit.errors import UserError
+from ddpmkit.training.distributed import DistInfo, env_dist_info
 from ddpmkit.utils.images import TEMP_SUFFIX, to_uint8, write_file_atomic, write_png
 
 log = logging.getLogger(__name__)
@@ -137,30 +138,9 @@ def sample_indexed(diffusion, denoise_fn, sampler, indices: Sequence[int], shape
 
 
 # ---- processes ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistEnv:
-    """This process's place among the generating processes."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_env_from_environ(environ: Mapping[str, str] | None = None) -> DistEnv:
-    """RANK / WORLD_SIZE / LOCAL_RANK as set by `torchrun`; one process when they are absent."""
-    environ = os.environ if environ is None else environ
-    try:
-        world = int(environ.get("WORLD_SIZE", "1"))
-        rank = int(environ.get("RANK", "0"))
-        local = int(environ.get("LOCAL_RANK", str(rank)))
-    except ValueError as exc:
-        raise UserError(f"bad RANK/WORLD_SIZE/LOCAL_RANK environment variables: {exc}") from exc
-    if world < 1 or not 0 <= rank < world or local < 0:
-        raise UserError(f"inconsistent RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}")
-    return DistEnv(rank, world, local)
+# One description of "which process am I" for training and generation alike.
+DistEnv = DistInfo
+dist_env_from_environ = env_dist_info
 
 
 def shard(total_size: int, env: DistEnv) -> range:
@@ -246,12 +226,13 @@ class GenerateResult:
 
 def generate_to_folder(diffusion, denoise_fn, sampler, shape: Sequence[int], folder: str,
                        total_size: int, batch_size: int, seed: int, device,
-                       env: DistEnv = DistEnv(), max_workers: int = 8,
+                       env: DistEnv | None = None, max_workers: int = 8,
                        dtype: torch.dtype = torch.float32, progress: bool = False
                        ) -> GenerateResult:
     """Make this process's share of samples 0..total_size-1 as `folder/NNNNNN.png`, skipping
     files that already exist; PNGs are encoded and written by `max_workers` threads (0: inline)
     while the next batch samples."""
+    env = env or DistEnv()
     if total_size < 1 or batch_size < 1:
         raise UserError("total size and batch size must be at least 1")
     os.makedirs(folder, exist_ok=True)

@@ -71,7 +71,7 @@ def test_parser_has_the_reference_flags():
         ("./images/eval", "./precomputed", ["fid", "pr"], 3)
     assert (args.row_batch_size, args.col_batch_size, args.seed) == (10000, 10000, 1234)
     assert parser.parse_args(["--metrics", "bpd"]).metrics == ["bpd"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="invalid choice"):
         parser.parse_args(["--metrics", "nll"])
 
 

@@ -24,18 +24,12 @@ from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule, make_sampler
 diffusers = pytest.importorskip("diffusers")
 
 # diffusers' DPMSolverMultistepScheduler calls np.array on a tensor with copy=False (numpy 2)
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 MEAN_TO_PREDICTION = {"eps": "epsilon", "x_0": "sample"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only fight over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fn(T, scale=1.0):

@@ -21,6 +21,8 @@ from ddpmkit.diffusion.functions import (
     normal_kl,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MEAN_TYPES = ("eps", "x_0", "mean")
 VAR_TYPES = ("fixed-small", "fixed-large", "learned")
 LOSS_TYPES = ("mse", "kl")
@@ -34,13 +36,6 @@ TANH_CDF_MAX_ERR = 1.8e-4
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only fight over the shared cores (runs vary 10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # ---- float64 references -------------------------------------------------------------------------
 class Ref:

@@ -28,6 +28,8 @@ from ddpmkit.diffusion import (
     sample,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SCHEDULE_NAMES = ("linear", "quad", "warmup10", "warmup50", "jsd", "cosine")
 MEAN_TYPES = ("eps", "x_0", "mean")
 VAR_TYPES = ("fixed-small", "fixed-large", "learned")
@@ -37,13 +39,6 @@ PROPERTY = settings(max_examples=50, deadline=None)
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only fight over the shared cores (runs vary 10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # ---- float64 references ----------------------------------------------------------------------------
 class Ref:

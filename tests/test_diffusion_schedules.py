@@ -24,6 +24,8 @@ from ddpmkit.diffusion import (
     sample,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SCHEDULE_NAMES = ("linear", "quad", "warmup10", "warmup50", "jsd", "cosine")
 SKIP_NAMES = ("linear", "quadratic")
 MAX_BETA = 0.999        # the clip every schedule applies (Improved DDPM, section 3.2)
@@ -34,13 +36,6 @@ SHAPES = st.sampled_from([(1, 3), (4, 2), (3, 5), (2, 3, 2, 2), (4, 1, 3, 3)])
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only fight over the shared cores (runs vary 10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # ---- float64 references ------------------------------------------------------------------------
 def ref_betas(name, T, beta_start=1e-4, beta_end=0.02):

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 from PIL import Image
 
 from ddpmkit.cli.generate import main
@@ -13,14 +14,7 @@ from ddpmkit.generation import MANIFEST_NAME
 from ddpmkit.models.loading import build_from_config
 from ddpmkit.training.checkpoint import save_checkpoint
 
-TINY_CONFIG = {
-    "dataset": {"name": "cifar10", "resolution": 8, "channels": 3},
-    "diffusion": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.2,
-                  "timesteps": 10, "model_mean_type": "eps", "model_var_type": "fixed-large",
-                  "loss_type": "mse"},
-    "model": {"in_channels": 3, "hid_channels": 16, "ch_multipliers": [1, 2],
-              "num_res_blocks": 1, "apply_attn": [False, True], "num_groups": 8},
-}
+TINY_CONFIG = tiny_config()
 
 
 def _random_model(config, seed=0):

@@ -8,20 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from ddpmkit.cli.generate import main
 from ddpmkit.models.loading import build_from_config
 from ddpmkit.training.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = {
-    "dataset": {"name": "cifar10", "resolution": 8, "channels": 3},
-    "diffusion": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.2,
-                  "timesteps": 10, "model_mean_type": "eps", "model_var_type": "fixed-large",
-                  "loss_type": "mse"},
-    "model": {"in_channels": 3, "hid_channels": 16, "ch_multipliers": [1, 2],
-              "num_res_blocks": 1, "apply_attn": [False, True], "num_groups": 8},
-}
+TINY_CONFIG = tiny_config()
 TOTAL = 9  # not a multiple of the process count or the batch size
 
 

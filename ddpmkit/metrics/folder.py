@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ddpmkit.errors import UserError
+from ddpmkit.utils.images import quantize
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +87,9 @@ def folder_batches(folder: str, batch_size: int, num_workers: int = 0,
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (the datasets' convention) -> uint8 [0, 255]; uint8 passes through.
-
-    For images made as u / 127.5 - 1 from uint8 u, rounding recovers u exactly.
-    """
-    if images.dtype == torch.uint8:
-        return images
-    return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    """Images in [-1, 1] (the datasets' convention) -> uint8 (B, C, H, W), rounded exactly as
+    sample PNGs are written; uint8 passes through."""
+    return quantize(images)
 
 
 def dataset_batches(dataset: Dataset, batch_size: int, num_workers: int = 0,

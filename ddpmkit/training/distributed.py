@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,10 +34,19 @@ class DistInfo:
         return self.world_size > 1
 
 
-def env_dist_info() -> DistInfo:
-    """What torchrun (or our spawn) put in the environment; a single process otherwise."""
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
+def env_dist_info(environ: Optional[Mapping[str, str]] = None) -> DistInfo:
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun (or our spawn) set them; one process when
+    they are absent. Inconsistent values are a UserError."""
+    environ = os.environ if environ is None else environ
+    try:
+        world = int(environ.get("WORLD_SIZE", "1"))
+        rank = int(environ.get("RANK", "0"))
+        local = int(environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as exc:
+        raise UserError(f"bad RANK/WORLD_SIZE/LOCAL_RANK environment variables: {exc}") from exc
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise UserError(f"inconsistent RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}")
+    return DistInfo(rank, world, local)
 
 
 def launched_by_torchrun() -> bool:

@@ -56,6 +56,7 @@ class FIDCallback(Callback):
         from ddpmkit.generation import DistEnv, sample_indexed, shard
         from ddpmkit.metrics import compute_metrics, extract_features
         from ddpmkit.metrics.inception import InceptionFeatures
+        from ddpmkit.utils.images import quantize
 
         env = DistEnv(trainer.rank, trainer.world_size)
         model = trainer.sampling_model
@@ -71,7 +72,7 @@ class FIDCallback(Callback):
                 with trainer._autocast():
                     x = sample_indexed(self.diffusion, model, sampler, idx, self.shape,
                                        EVAL_SEED, trainer.device)
-                yield torch.floor((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+                yield quantize(x)
 
         try:
             feats = extract_features(self.inception, batches())

@@ -9,12 +9,13 @@ from __future__ import annotations
 import io
 import logging
 import os
-import secrets
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ddpmkit.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -23,18 +24,25 @@ ANIMATION_FORMATS = ("gif", "webp")
 FINAL_FRAME_HOLD = 10
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C): round((x + 1) * 127.5), clamped.
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> uint8 (B, C, H, W) on the same device: round((x + 1) * 127.5),
+    clamped; NaN becomes gray. uint8 input passes through.
 
     Rounds to nearest like torchvision's `save_image` (the reference's first release truncated,
-    which biases every pixel down by half a level on average).
+    which biases every pixel down by half a level on average). Images made as u / 127.5 - 1
+    from uint8 u come back as exactly u.
     """
+    if x.dtype == torch.uint8:
+        return x
+    x = torch.nan_to_num(x.detach().float(), nan=0.0)
+    return torch.floor((x + 1) * 127.5 + 0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> uint8 numpy (B, H, W, C), PIL's layout (see `quantize`)."""
     if x.ndim != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-    x = x.detach().float()
-    x = torch.nan_to_num(x, nan=0.0)  # a diverged sample becomes gray, not undefined bytes
-    pixels = torch.floor((x + 1) * 127.5 + 0.5).clamp_(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+    return quantize(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _pil_image(array: np.ndarray) -> Image.Image:
@@ -65,25 +73,11 @@ def write_file_atomic(path: str, data: bytes) -> None:
     """Write `data` to a hidden temp file beside `path`, then rename it to `path`.
 
     A process killed at any moment leaves either no file or the whole file at `path` (plus at
-    worst a hidden `.NAME.*.tmp` that `remove_stale_temp_files` deletes). Unlike
-    `ddpmkit.utils.io.atomic_write` there is no fsync: a sample folder holds tens of thousands of
-    files that can be regenerated bit-for-bit, so durability across power loss is not worth two
-    fsyncs per image; readers treat an empty file as missing. The file gets the usual
-    permissions (0666 less the umask), not mkstemp's owner-only 0600.
+    worst a hidden `.NAME.*.tmp` that `remove_stale_temp_files` deletes). No fsync: a sample
+    folder holds tens of thousands of files that can be regenerated bit for bit; readers treat
+    an empty file as missing.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, temp_name_prefix(path) + secrets.token_hex(6) + TEMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_bytes(path, data, durable=False)
 
 
 def write_png(path: str, array: np.ndarray) -> None:

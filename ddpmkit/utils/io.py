@@ -28,8 +28,14 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Call `write(f)` on a temp file beside `path`, then atomically move it to `path`."""
+def atomic_write(path: str, write: Callable[[io.BufferedWriter], None],
+                 durable: bool = True) -> None:
+    """Call `write(f)` on a temp file `.NAME.*.tmp` beside `path`, then rename it to `path`.
+
+    `durable` also fsyncs the file and the folder, so the new file survives a power loss;
+    sample PNGs skip that (they can be regenerated bit for bit, and two fsyncs per image
+    cost more than the image).
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
@@ -39,8 +45,9 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -48,8 +55,9 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
         except OSError:
             pass
         raise
-    _fsync_dir(folder)
+    if durable:
+        _fsync_dir(folder)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
+    atomic_write(path, lambda f: f.write(data), durable=durable)

@@ -1,0 +1,82 @@
+"""Every command in the README parses with the current flags, and its Python example runs."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# how a README command names its subcommand module
+SCRIPTS = {"train.py": "train", "train_toy.py": "train_toy", "generate.py": "generate",
+           "eval.py": "eval", "train": "train", "train-toy": "train_toy",
+           "generate": "generate", "eval": "eval"}
+
+
+def _blocks(language):
+    text = README.read_text(encoding="utf-8")
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def _commands():
+    """(subcommand module, argv) for each ddpmkit / python X.py / torchrun X.py command."""
+    found = []
+    for block in _blocks("shell"):
+        block = block.replace("\\\n", " ")
+        for line in block.splitlines():
+            line = line.split("#", 1)[0].strip()
+            for part in re.split(r"&&|;", line):
+                words = shlex.split(part)
+                if not words:
+                    continue
+                if words[0] == "ddpmkit" and len(words) > 1 and words[1] in SCRIPTS:
+                    found.append((SCRIPTS[words[1]], words[2:]))
+                elif words[0] in ("python", "torchrun"):
+                    scripts = [i for i, w in enumerate(words) if w in SCRIPTS and w.endswith(".py")]
+                    if scripts:
+                        i = scripts[0]
+                        found.append((SCRIPTS[words[i]], words[i + 1:]))
+    return found
+
+
+COMMANDS = _commands()
+
+
+def test_readme_has_the_commands_of_every_subcommand():
+    assert {module for module, _ in COMMANDS} == {"train", "train_toy", "generate", "eval"}
+    assert len(COMMANDS) >= 12
+
+
+@pytest.mark.parametrize("module, argv", COMMANDS,
+                         ids=[" ".join([m, *a])[:60] for m, a in COMMANDS])
+def test_readme_command_parses(module, argv):
+    import importlib
+
+    parser = importlib.import_module(f"ddpmkit.cli.{module}").build_parser()
+    parser.parse_args(argv)  # a bad flag raises (UserError or SystemExit)
+
+
+def test_readme_python_example_runs():
+    (example,) = _blocks("python")
+    namespace = {}
+    exec(compile(example, str(README), "exec"), namespace)
+    assert namespace["points"].shape == (1000, 2)
+
+
+@pytest.mark.slow
+def test_readme_quick_start_toy_run(tmp_path):
+    """The main command of the quick start, as written, in a fresh folder."""
+    import subprocess
+    import sys
+
+    first = _blocks("shell")[0]
+    command = first.split("&&", 1)[1].strip()
+    words = shlex.split(command)
+    assert words[:2] == ["ddpmkit", "train-toy"]
+    proc = subprocess.run([sys.executable, "-m", "ddpmkit", *words[1:], "--no-progress"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "modes" in output and "KL" in output
+    assert list(tmp_path.glob("chkpts/*.pt")) and list(tmp_path.glob("images/train/*/*.png"))
