@@ -23,6 +23,9 @@ run() {  # name, timeout seconds, command...
 run gpu_tests 150 "$py" -m pytest -q -m gpu tests/test_gpu.py tests/test_metrics_inception.py
 run train_throughput 150 "$py" benchmarks/train_throughput.py --device cuda --batch-size 128 \
     --steps 20 --warmup 5
-run sample_throughput 120 "$py" benchmarks/sample_throughput.py --device cuda
+run sample_ddim100 120 "$py" benchmarks/sample_throughput.py --device cuda --samplers ddim \
+    --steps 100 --batch-size 500 --precision fp32 bf16 --channels-last
+run sample_dpm20 90 "$py" benchmarks/sample_throughput.py --device cuda --samplers dpm-solver++ \
+    --steps 20 --batch-size 500 --precision fp32 bf16 --channels-last
 run eval_throughput 60 "$py" benchmarks/eval_throughput.py --device cuda
 echo "results in $out/"
