@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample i's noise is a function of (seed, i)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="network precision (bf16: autocast; the sampler stays float32)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (pays off on GPUs for long runs)")
     p.add_argument("--suffix", default="", help="appended to the dataset name in the folder name")
     p.add_argument("--max-workers", type=int, default=8,
                    help="threads encoding and writing PNGs (0: write inline)")
@@ -207,15 +211,24 @@ def output_paths(args: argparse.Namespace, dataset: str) -> dict[str, str]:
     }
 
 
-def _denoise_fn(model: torch.nn.Module, precision: str, device: torch.device):
-    if precision == "fp32":
+def _denoise_fn(model: torch.nn.Module, precision: str, device: torch.device,
+                channels_last: bool = False, compile_model: bool = False):
+    """The network as the sampler calls it, with the requested fast paths."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_model:
+        model = torch.compile(model)
+    if precision == "fp32" and not channels_last:
         return model
+    autocast = precision == "bf16"
 
-    def denoise_bf16(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             return model(x_t, t).float()
 
-    return denoise_bf16
+    return denoise
 
 
 # ---- one process -------------------------------------------------------------------------
@@ -248,7 +261,9 @@ def run_process(args: argparse.Namespace, typed: set[str], env: DistEnv) -> dict
         raise UserError(f"--sampler {args.sampler}: {exc}") from exc
     if args.precision == "bf16" and device.type == "cpu":
         log.info("bf16 autocast on CPU: faster than fp32 only with native bf16 (AVX512-BF16, AMX)")
-    denoise_fn = _denoise_fn(model, args.precision, device)
+    channels_last = (device.type == "cuda" if args.channels_last is None
+                     else bool(args.channels_last))
+    denoise_fn = _denoise_fn(model, args.precision, device, channels_last, args.compile)
     shape = image_shape(config)
     paths = output_paths(args, dataset)
     settings = {
