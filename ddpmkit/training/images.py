@@ -177,8 +177,12 @@ def train_worker(config: Dict[str, Any], args: argparse.Namespace) -> int:
     device = dist_utils.process_device(resolve_device(args.train_device), info)
     dist_utils.init_process_group(info, device)
     try:
-        return _train(config, args, info, device, DATASETS, build_dataset, build_loader,
+        code = _train(config, args, info, device, DATASETS, build_dataset, build_loader,
                       build_model)
+        # Leave together: rank 0 may still be writing the last checkpoint, and a process that
+        # tears down its process group while another still uses it can abort.
+        dist_utils.barrier()
+        return code
     finally:
         dist_utils.destroy_process_group()
 

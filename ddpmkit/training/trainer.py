@@ -540,7 +540,11 @@ class Trainer:
         if path is None or not self.is_main:
             return None
         if self._loss_count:
-            self._sync_loss()
+            # This process's own mean loss: only the main process gets here, so a collective
+            # (all_reduce) would wait forever for the others.
+            loss = float(self._loss_sum / self._loss_count)
+            self._check_finite(loss)
+            self.last_loss = loss
         finite = torch.stack([p.detach().isfinite().all() for p in self.params]).all()
         if not bool(finite):
             raise NonFiniteLossError(
