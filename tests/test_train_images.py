@@ -218,3 +218,31 @@ def test_rigid_spawn_launch(cifar_root, tmp_path):
                  *run_args(tmp_path)])
     assert code == 0
     assert final_state(tmp_path)["step"] == 2
+
+
+def test_fid_during_training_is_logged(cifar_root, tmp_path, monkeypatch):
+    """--eval scores EMA samples against the training set with the eval command's code."""
+    import dataclasses
+
+    from ddpmkit.metrics import inception as inc
+    from ddpmkit.metrics import weights as wts
+
+    model = inc.randomize_weights_(inc.FIDInceptionV3(), torch.Generator().manual_seed(3))
+    weights = tmp_path / "inception.pth"
+    torch.save(model.state_dict(), weights)
+    monkeypatch.setattr(wts, "INCEPTION_WEIGHTS", dataclasses.replace(
+        wts.INCEPTION_WEIGHTS, sha256=wts.sha256_of_file(str(weights)),
+        num_bytes=weights.stat().st_size))
+    code = main(["--dataset", "cifar10", "--root", str(cifar_root), *TINY, "--batch-size", "8",
+                 "--epochs", "1", "--num-save-images", "0", "--eval", "--eval-intv", "1",
+                 "--eval-total-size", "8", "--eval-batch-size", "4", "--use-ddim",
+                 "--subseq-size", "2", "--inception-weights", str(weights),
+                 "--precomputed-dir", str(tmp_path / "stats"), *run_args(tmp_path)])
+    assert code == 0
+    log = [json.loads(line) for line in
+           (tmp_path / "chkpts" / "run" / "log.jsonl").read_text().splitlines()]
+    scored = [r for r in log if "fid" in r]
+    assert len(scored) == 1 and scored[0]["epoch"] == 1
+    assert np.isfinite(scored[0]["fid"]) and scored[0]["fid"] > 0
+    assert 0 <= scored[0]["precision"] <= 1 and 0 <= scored[0]["recall"] <= 1
+    assert list((tmp_path / "stats").glob("*.npz"))  # reference statistics were cached

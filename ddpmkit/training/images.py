@@ -164,21 +164,13 @@ def _check_same_architecture(state: Dict[str, Any], config: Dict[str, Any], path
                         f"{'; '.join(diffs[:4])}); resume with the same config and flags")
 
 
-def _amp_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    return torch.bfloat16 if precision == "bf16" else None
-
-
 def train_worker(config: Dict[str, Any], args: argparse.Namespace) -> int:
     """One training process (of one, of torchrun's, or of the spawned ones)."""
-    from ddpmkit.data.images import DATASETS, build_dataset, build_loader
-    from ddpmkit.models import build_model
-
     info = dist_utils.env_dist_info()
     device = dist_utils.process_device(resolve_device(args.train_device), info)
     dist_utils.init_process_group(info, device)
     try:
-        code = _train(config, args, info, device, DATASETS, build_dataset, build_loader,
-                      build_model)
+        code = _train(config, args, info, device)
         # Leave together: rank 0 may still be writing the last checkpoint, and a process that
         # tears down its process group while another still uses it can abort.
         dist_utils.barrier()
@@ -187,7 +179,10 @@ def train_worker(config: Dict[str, Any], args: argparse.Namespace) -> int:
         dist_utils.destroy_process_group()
 
 
-def _train(config, args, info, device, DATASETS, build_dataset, build_loader, build_model) -> int:
+def _train(config, args, info, device) -> int:
+    from ddpmkit.data.images import DATASETS, build_dataset, build_loader
+    from ddpmkit.models import build_model
+
     tr, ds = config["train"], config["dataset"]
     seed = int(tr["seed"])
     torch.manual_seed(seed + info.rank)  # model init (overwritten on resume) and dropout
@@ -262,7 +257,7 @@ def _train(config, args, info, device, DATASETS, build_dataset, build_loader, bu
         tensorboard_dir=os.path.join(dirs["chkpt"], "tensorboard"),
         progress=True, callbacks=callbacks, config=config, is_main=info.is_main,
         rank=info.rank, world_size=info.world_size,
-        amp_dtype=_amp_dtype(tr.get("precision", "fp32"), device), throughput_key="img_per_s",
+        amp_dtype=torch.bfloat16 if tr.get("precision") == "bf16" else None, throughput_key="img_per_s",
         random_flip=bool(random_flip), global_batch=int(tr["batch_size"]), micro_batch=micro,
         channels_last=channels_last)
 
