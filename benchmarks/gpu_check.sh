@@ -1,31 +1,87 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the CUDA-only tests, then every benchmark at GPU sizes.
-# Results go to ${OUT:-gpu_results}/; about 6-8 minutes on one H100.
-#   bash benchmarks/gpu_check.sh            (from the repository root, project installed)
+# One command for a GPU machine: the CUDA-only tests, every benchmark at GPU sizes, and an
+# end-to-end `train` (torchrun, NCCL, 1 process) + `generate` run. Results go to
+# ${OUT:-gpu_results}/ (summary.txt, one log per stage); about 6 minutes on one H100.
+#   bash benchmarks/gpu_check.sh        (from the repository root; installs nothing)
+#   SMALL=1 DEVICE=cpu bash benchmarks/gpu_check.sh   (tiny sizes: checks the script itself)
+# Stages run cheapest-and-most-important first; the torch.compile stages (a minute or more of
+# compilation each) come last, and each stage has its own time limit.
 set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
-py="${PYTHON:-python}"
+py="${PYTHON:-python3}"
+dev="${DEVICE:-cuda}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+if [ "${SMALL:-0}" = 1 ]; then  # sizes for a CPU check of the script itself
+  TB=4; TS=2; SB=2; SS=2; SMB=2; EI=8; EB=4; PR=500; E2E_N=64; E2E_B=8; E2E_STEPS=4; GEN_N=8
+  TRAIN_FAST="fp32 bf16"; TRAIN_COMPILE="bf16"; SAMPLE_FAST="fp32 bf16"; SMALL_MODES="bf16"
+  SAMPLE_COMPILE="bf16"; E2E_EXTRA=(--device cpu); GEN_EXTRA=(--device cpu)
+  TESTS=(tests/test_gpu.py)
+else
+  TB=128; TS=20; SB=500; SS=20; SMB=16; EI=5000; EB=250; PR=10000; E2E_N=8192; E2E_B=128
+  E2E_STEPS=150; GEN_N=2000
+  TRAIN_FAST="fp32 fp32+cl+fused bf16+fused bf16+cl+fused"; TRAIN_COMPILE="bf16+cl+fused bf16+cl+fused+compile"
+  SAMPLE_FAST="fp32 bf16 bf16+cl bf16+cl+graph overhead"; SMALL_MODES="fp32 bf16+cl bf16+cl+graph"
+  SAMPLE_COMPILE="bf16+cl bf16+cl+compile"; E2E_EXTRA=(); GEN_EXTRA=(--cuda-graph)
+  TESTS=(tests/test_gpu.py tests/test_metrics_inception.py tests/test_generate_noise.py)
+fi
+
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'cudnn', torch.backends.cudnn.version(), 'cpus', __import__('os').cpu_count())"
 } 2>&1 | tee "$out/device.txt"
 
-run() {  # name, timeout seconds, command...
+stage() {  # name, time limit in seconds, command...
   local name=$1 limit=$2; shift 2
-  echo "== $name" | tee -a "$out/summary.txt"
-  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  echo "== $name ($(date -u +%T))" | tee -a "$out/summary.txt"
+  local start=$SECONDS
+  timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$out/$name.txt" | tee -a "$out/summary.txt"
-  echo "   (exit $rc)" | tee -a "$out/summary.txt"
+  grep -v "^\s*$" "$out/$name.log" | tail -n 30 | tee -a "$out/summary.txt"
+  echo "   (exit $rc, $((SECONDS - start)) s)" | tee -a "$out/summary.txt"
 }
 
-run gpu_tests 150 "$py" -m pytest -q -m gpu tests/test_gpu.py tests/test_metrics_inception.py
-run train_throughput 150 "$py" benchmarks/train_throughput.py --device cuda --batch-size 128 \
-    --steps 20 --warmup 5
-run sample_ddim100 120 "$py" benchmarks/sample_throughput.py --device cuda --samplers ddim \
-    --steps 100 --batch-size 500 --precision fp32 bf16 --channels-last
-run sample_dpm20 90 "$py" benchmarks/sample_throughput.py --device cuda --samplers dpm-solver++ \
-    --steps 20 --batch-size 500 --precision fp32 bf16 --channels-last
-run eval_throughput 60 "$py" benchmarks/eval_throughput.py --device cuda
+stage train 90 "$py" benchmarks/train_throughput.py --device "$dev" --batch-size $TB \
+    --steps $TS --warmup 5 --modes $TRAIN_FAST
+stage sample 75 "$py" benchmarks/sample_throughput.py --device "$dev" --batch-size $SB \
+    --samplers ddim:100 dpm-solver++:20 --timed-steps $SS --modes $SAMPLE_FAST
+if [ "$dev" = cuda ]; then
+  stage sample_small 40 "$py" benchmarks/sample_throughput.py --device cuda --batch-size $SMB \
+      --samplers ddim:100 --timed-steps 50 --modes $SMALL_MODES
+fi
+stage eval 60 "$py" benchmarks/eval_throughput.py --device "$dev" --num-images $EI \
+    --batch-size $EB --pr-size $PR
+stage tests 100 "$py" -m pytest -q -p no:cacheprovider -m gpu "${TESTS[@]}"
+
+# End to end: torchrun (NCCL on CUDA) trains on a folder of PNGs, then generate samples.
+"$py" - "$work/images" $E2E_N <<'PY'
+import os, sys
+import numpy as np
+from PIL import Image
+folder, n = sys.argv[1], int(sys.argv[2])
+os.makedirs(folder, exist_ok=True)
+rng = np.random.default_rng(0)
+for i in range(n):
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(f"{folder}/{i:05d}.png")
+PY
+stage e2e_train 75 "$py" -m torch.distributed.run --standalone --nproc_per_node 1 -m ddpmkit \
+    train --dataset folder --root "$work/images" --image-size 32 --batch-size $E2E_B \
+    --max-steps $E2E_STEPS --precision bf16 --num-workers 6 --log-intv 25 --num-save-images 0 \
+    --chkpt-dir "$work/chkpts" --image-dir "$work/grids" "${E2E_EXTRA[@]}"
+cat "$work"/chkpts/*/log.jsonl 2>/dev/null | tee -a "$out/summary.txt"
+stage e2e_generate 60 "$py" -m ddpmkit generate --chkpt-dir "$work/chkpts" --dataset folder \
+    --chkpt-path "$(ls "$work"/chkpts/*/*.pt 2>/dev/null | tail -n 1)" --sampler ddim --steps 100 \
+    --total-size $GEN_N --batch-size 500 --precision bf16 --save-dir "$work/samples" --no-progress \
+    "${GEN_EXTRA[@]}"
+ls "$work/samples"/* 2>/dev/null | grep -c png | sed 's/^/PNGs written: /' | tee -a "$out/summary.txt"
+
+stage train_compile 150 "$py" benchmarks/train_throughput.py --device "$dev" --batch-size $TB \
+    --steps $TS --warmup 5 --modes $TRAIN_COMPILE
+stage sample_compile 100 "$py" benchmarks/sample_throughput.py --device "$dev" --batch-size $SB \
+    --samplers ddim:100 dpm-solver++:20 --timed-steps $SS --modes $SAMPLE_COMPILE
 echo "results in $out/"

@@ -1,49 +1,89 @@
-"""Sampling throughput of DDPM, DDIM and DPM-Solver++: images/s, time per step, achieved FLOP/s
-and peak memory, for a config's UNet with random weights.
+"""Sampling throughput of DDPM, DDIM and DPM-Solver++: images/s, time per step, achieved FLOP/s,
+fraction of the GPU's peak and peak memory, for a config's UNet with random weights.
 
-    python benchmarks/sample_throughput.py                       # CIFAR-10 UNet, CPU-sized run
-    python benchmarks/sample_throughput.py --device cuda --batch-size 256 --steps 100 \
-        --precision fp32 bf16 --ddpm-steps 100
+    python benchmarks/sample_throughput.py --threads 1          # CIFAR-10 UNet, CPU-sized run
+    python benchmarks/sample_throughput.py --device cuda --batch-size 500 \
+        --samplers ddim:100 dpm-solver++:20 --modes fp32 bf16+cl bf16+cl+compile
 
-Each sampler runs `--steps` network evaluations on a batch (DDPM: `--ddpm-steps` of its T steps,
-timed and extrapolated to all T, since every DDPM step costs the same). The timed loop is
-ddpmkit's own `sample` with the counter-based per-sample noise `ddpmkit generate` uses, so the
-numbers include the sampler arithmetic and noise, not PNG writing. One untimed warm-up step
-per configuration comes first (allocator, cuDNN autotuning, lazy initialization).
-On a CPU shared with other work, pass `--threads 1`: with several threads, every parallel
-region waits for the slowest (descheduled) thread and the timings swing by 10x or more.
+A sampler is `name` or `name:steps` (ddim and dpm-solver++; default --steps). A mode is
+`+`-joined options, built exactly as `ddpmkit generate` builds them: fp32 | bf16 (autocast
+network, float32 sampler), cl (channels_last), compile (torch.compile of the network), graph
+(CUDA-graph replay of the network), and `overhead`: the network replaced by a zero output, which
+times what a step costs besides the network (sampler arithmetic, noise, table lookups).
+Every mode runs in one process, and the speed-up column is against the first mode.
+
+The timed loop is ddpmkit's own `sample` with the counter-based per-sample noise that
+`generate` uses; PNG writing is not timed. DDPM times `--ddpm-steps` of its T steps and
+extrapolates (each costs the same). One untimed warm-up step per row comes first (allocator,
+cuDNN autotuning, compilation, graph capture). On a CPU shared with other work, pass
+`--threads 1`: with several threads every parallel region waits for the slowest one.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 
 import torch
 
-from ddpmkit.config import find_config_file, load_json
-from ddpmkit.devices import resolve_device
-from ddpmkit.diffusion.samplers import SAMPLERS, make_sampler
-from ddpmkit.generation import sample_indexed
-from ddpmkit.models.loading import build_from_config, image_shape
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_name, format_row, peak_flops, peak_memory_mb  # noqa: E402
+
+from ddpmkit.config import find_config_file, load_json  # noqa: E402
+from ddpmkit.devices import resolve_device  # noqa: E402
+from ddpmkit.diffusion.samplers import SAMPLERS, make_sampler  # noqa: E402
+from ddpmkit.generation import make_denoise_fn, sample_indexed  # noqa: E402
+from ddpmkit.models.loading import build_from_config, image_shape  # noqa: E402
+
+MODE_OPTIONS = {"fp32", "bf16", "cl", "compile", "graph", "overhead"}
+DEFAULT_CPU_MODES = ["fp32", "bf16"]
+DEFAULT_GPU_MODES = ["fp32", "bf16+cl", "bf16+cl+graph", "bf16+cl+compile"]
+
+
+def parse_mode(mode: str) -> dict:
+    parts = set(mode.split("+"))
+    unknown = parts - MODE_OPTIONS
+    if unknown:
+        raise SystemExit(f"unknown mode option(s) {sorted(unknown)} in {mode!r}; "
+                         f"choose from {sorted(MODE_OPTIONS)}")
+    return {"precision": "bf16" if "bf16" in parts else "fp32", "channels_last": "cl" in parts,
+            "compile": "compile" in parts, "graph": "graph" in parts,
+            "overhead": "overhead" in parts}
+
+
+def parse_sampler(spec: str, default_steps: int):
+    name, _, steps = spec.partition(":")
+    if name not in SAMPLERS:
+        raise SystemExit(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    return name, int(steps) if steps else default_steps
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="cifar10",
                    help="a shipped config name (cifar10, celeba, celebahq, mnist) or a JSON path")
-    p.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
-    p.add_argument("--steps", type=int, default=10, help="steps of ddim and dpm-solver++")
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS),
+                   help="name or name:steps, e.g. ddim:100 dpm-solver++:20")
+    p.add_argument("--steps", type=int, default=10, help="default steps of ddim and dpm-solver++")
     p.add_argument("--ddpm-steps", type=int, default=None,
                    help="DDPM steps actually timed (default --steps), extrapolated to all T")
+    p.add_argument("--timed-steps", type=int, default=None,
+                   help="time at most this many steps of every sampler and extrapolate to its "
+                        "full length (every step runs the same network)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"])
+    p.add_argument("--modes", nargs="+", default=None,
+                   help=f"default {' '.join(DEFAULT_CPU_MODES)} on CPU, "
+                        f"{' '.join(DEFAULT_GPU_MODES)} on CUDA")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
+                   help="shorthand for --modes with these precisions (plus cl with "
+                        "--channels-last)")
+    p.add_argument("--channels-last", action="store_true", help="with --precision: add cl")
+    p.add_argument("--num-images", type=int, default=50000,
+                   help="report the minutes to make this many images")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--channels-last", action="store_true", help="NHWC weights and activations")
     return p.parse_args(argv)
 
 
@@ -58,25 +98,11 @@ def forward_flops(model: torch.nn.Module, shape, device) -> float:
     return float(counter.get_total_flops())
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
-
-
-def run_one(diffusion, model, name, steps, batch_size, shape, device, precision, timed_steps):
+def time_sampler(diffusion, denoise_fn, name, steps, batch_size, shape, device, timed_steps):
+    """(full length of the sampler, steps timed, seconds per step)."""
     sampler = make_sampler(diffusion, name, steps=steps)
     full_steps = len(sampler.timesteps)
-    # DDPM: time only the first `timed_steps` of its T steps; each costs the same.
     sampler.timesteps = sampler.timesteps[:timed_steps]
-    dtype = torch.bfloat16 if precision == "bf16" else None
-
-    def denoise_fn(x_t, t):
-        if dtype is None:
-            return model(x_t, t)
-        with torch.autocast(device.type, dtype=dtype):
-            return model(x_t, t).float()
-
     indices = list(range(batch_size))
     warm = make_sampler(diffusion, name, steps=steps)
     warm.timesteps = warm.timesteps[:1]
@@ -89,8 +115,7 @@ def run_one(diffusion, model, name, steps, batch_size, shape, device, precision,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    per_step = seconds / len(sampler.timesteps)
-    return full_steps, len(sampler.timesteps), per_step
+    return full_steps, len(sampler.timesteps), seconds / len(sampler.timesteps)
 
 
 def main(argv=None) -> int:
@@ -98,34 +123,60 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as `ddpmkit generate` does
+    if args.precision:
+        modes = [p + ("+cl" if args.channels_last else "") for p in args.precision]
+    else:
+        modes = args.modes or (DEFAULT_GPU_MODES if device.type == "cuda" else DEFAULT_CPU_MODES)
+    samplers = [parse_sampler(s, args.steps) for s in args.samplers]
+    for mode in modes:
+        if parse_mode(mode)["graph"] and device.type != "cuda":
+            raise SystemExit(f"mode {mode!r}: CUDA graphs need --device cuda")
+
     path = args.config if args.config.endswith(".json") else find_config_file(args.config)
     config = load_json(path)
     torch.manual_seed(0)
     model, diffusion = build_from_config(config)
     model = model.to(device).eval()
     shape = image_shape(config)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     flops = forward_flops(model, shape, device)
     params = sum(p.numel() for p in model.parameters())
-    threads = torch.get_num_threads() if device.type == "cpu" else "-"
-    print(f"config {os.path.basename(path)}: {params / 1e6:.1f}M parameters, "
-          f"{flops / 1e9:.2f} GFLOP per {'x'.join(map(str, shape))} image forward; "
-          f"device {device} (threads {threads}), batch {args.batch_size}, "
-          f"torch {torch.__version__}")
-    header = (f"{'sampler':<13} {'prec':<5} {'steps':>6} {'timed':>6} {'s/step':>8} "
-              f"{'img/s':>9} {'TFLOP/s':>8} {'peak MiB':>9}")
-    print(header)
-    print("-" * len(header))
-    for precision in args.precision:
-        for name in args.samplers:
-            timed = (args.ddpm_steps or args.steps) if name == "ddpm" else args.steps
-            full, timed, per_step = run_one(diffusion, model, name, args.steps, args.batch_size,
-                                            shape, device, precision, timed)
+    print(f"# sampling, config {os.path.basename(path)}: {params / 1e6:.1f}M parameters, "
+          f"{flops / 1e9:.2f} GFLOP per {'x'.join(map(str, shape))} image forward; batch "
+          f"{args.batch_size}; {device_name(device)}; torch {torch.__version__}")
+    widths = {"sampler": 13, "mode": 20, "steps": 5, "timed": 5, "ms/step": 9, "img/s": 9,
+              "speedup": 7, f"{args.num_images // 1000}k min": 8, "TFLOP/s": 8, "% peak": 6,
+              "peak MiB": 8}
+    print(format_row({k: k for k in widths}, widths))
+    baseline = {}
+    for mode in modes:
+        opts = parse_mode(mode)
+        if opts["overhead"]:
+            def denoise_fn(x_t, t):
+                return torch.zeros_like(x_t)
+        else:
+            torch._dynamo.reset()
+            denoise_fn = make_denoise_fn(model, opts["precision"], device, opts["channels_last"],
+                                         opts["compile"], cuda_graph=opts["graph"])
+        peak = peak_flops(device, opts["precision"])
+        for name, steps in samplers:
+            timed = (args.ddpm_steps or args.steps) if name == "ddpm" else steps
+            timed = min(timed, args.timed_steps or timed)
+            full, timed, per_step = time_sampler(diffusion, denoise_fn, name, steps,
+                                                 args.batch_size, shape, device, timed)
             img_s = args.batch_size / (per_step * full)  # at the sampler's full length
-            tflops = flops * args.batch_size / per_step / 1e12
-            print(f"{name:<13} {precision:<5} {full:>6} {timed:>6} {per_step:>8.3f} "
-                  f"{img_s:>9.3f} {tflops:>8.3f} {peak_memory_mib(device):>9.0f}")
+            baseline.setdefault(name, img_s)
+            achieved = 0.0 if opts["overhead"] else flops * args.batch_size / per_step
+            print(format_row({
+                "sampler": name, "mode": mode, "steps": full, "timed": timed,
+                "ms/step": f"{per_step * 1e3:.2f}", "img/s": f"{img_s:.1f}",
+                "speedup": "-" if opts["overhead"] else f"{img_s / baseline[name]:.2f}x",
+                f"{args.num_images // 1000}k min": f"{args.num_images / img_s / 60:.1f}",
+                "TFLOP/s": f"{achieved / 1e12:.2f}",
+                "% peak": f"{100 * achieved / peak:.1f}" if peak and achieved else "-",
+                "peak MiB": f"{peak_memory_mb(device):.0f}"}, widths), flush=True)
+        model = model.to(memory_format=torch.contiguous_format)
     return 0
 
 

@@ -84,6 +84,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as `ddpmkit train` does
     path = args.config if args.config.endswith(".json") else find_config_file(args.config)
     config = load_json(path)
     modes = args.modes or (DEFAULT_GPU_MODES if device.type == "cuda" else DEFAULT_CPU_MODES)

@@ -137,6 +137,35 @@ def sample_indexed(diffusion, denoise_fn, sampler, indices: Sequence[int], shape
                   callback=callback, progress=progress)
 
 
+def make_denoise_fn(model: torch.nn.Module, precision: str, device, channels_last: bool = False,
+                    compile_model: bool = False, cuda_graph: bool = False):
+    """The network as the sampler calls it, `fn(x_t, t) -> float32 output`, with the requested
+    fast paths: bf16 autocast (`precision="bf16"`; the sampler's arithmetic stays float32),
+    channels_last weights and inputs, torch.compile, and CUDA-graph replay."""
+    device = torch.device(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compile_model else model
+    autocast = precision == "bf16"
+    if precision == "fp32" and not channels_last and not cuda_graph:
+        return net
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        # No weight-cast cache: each weight is used once per call, and a cache would hold
+        # tensors across CUDA-graph captures.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast,
+                            cache_enabled=False):
+            return net(x_t, t).float()
+
+    if cuda_graph:
+        from ddpmkit.utils.cuda_graphs import CUDAGraphDenoiser
+
+        return CUDAGraphDenoiser(denoise)
+    return denoise
+
+
 # ---- processes ---------------------------------------------------------------------------
 # One description of "which process am I" for training and generation alike.
 DistEnv = DistInfo

@@ -161,6 +161,7 @@ def test_grayscale_dataset(tmp_path, capsys):
     (["--chkpt-path", "{ckpt}", "--use-ema"], "no EMA weights"),
     (["--chkpt-path", "{ckpt}", "--dataset", "celeba"], "trained on cifar10"),
     (["--chkpt-path", "{ckpt}", "--device", "floppy"], "invalid device"),
+    (["--chkpt-path", "{ckpt}", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA"),
     (["--dataset", "mnist", "--chkpt-dir", "{tmp}"], "ddpm_mnist.pt' does not exist"),
 ])
 def test_bad_input_is_one_line(tmp_path, tiny_checkpoint, capsys, argv, message):

@@ -45,6 +45,7 @@ from ddpmkit.generation import (
     existing_samples,
     first_samples,
     generate_to_folder,
+    make_denoise_fn,
     sample_indexed,
 )
 
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels_last memory format (default: on for CUDA)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (pays off on GPUs for long runs)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the network as a CUDA graph (CUDA only; pays off for small "
+                        "batches, where launching kernels is the bottleneck)")
     p.add_argument("--suffix", default="", help="appended to the dataset name in the folder name")
     p.add_argument("--max-workers", type=int, default=8,
                    help="threads encoding and writing PNGs (0: write inline)")
@@ -211,26 +215,6 @@ def output_paths(args: argparse.Namespace, dataset: str) -> dict[str, str]:
     }
 
 
-def _denoise_fn(model: torch.nn.Module, precision: str, device: torch.device,
-                channels_last: bool = False, compile_model: bool = False):
-    """The network as the sampler calls it, with the requested fast paths."""
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compile_model:
-        model = torch.compile(model)
-    if precision == "fp32" and not channels_last:
-        return model
-    autocast = precision == "bf16"
-
-    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            return model(x_t, t).float()
-
-    return denoise
-
-
 # ---- one process -------------------------------------------------------------------------
 def run_process(args: argparse.Namespace, typed: set[str], env: DistEnv) -> dict[str, Any]:
     """This process's share of the samples (and, on rank 0, the animation)."""
@@ -259,11 +243,15 @@ def run_process(args: argparse.Namespace, typed: set[str], env: DistEnv) -> dict
                                skip_schedule=args.skip_schedule)
     except ValueError as exc:
         raise UserError(f"--sampler {args.sampler}: {exc}") from exc
+    if args.cuda_graph and device.type != "cuda":
+        raise UserError(f"--cuda-graph needs a CUDA device, but this run uses {device}; "
+                        "drop --cuda-graph or pass --device cuda")
     if args.precision == "bf16" and device.type == "cpu":
         log.info("bf16 autocast on CPU: faster than fp32 only with native bf16 (AVX512-BF16, AMX)")
     channels_last = (device.type == "cuda" if args.channels_last is None
                      else bool(args.channels_last))
-    denoise_fn = _denoise_fn(model, args.precision, device, channels_last, args.compile)
+    denoise_fn = make_denoise_fn(model, args.precision, device, channels_last, args.compile,
+                                 cuda_graph=args.cuda_graph)
     shape = image_shape(config)
     paths = output_paths(args, dataset)
     settings = {

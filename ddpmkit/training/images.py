@@ -204,6 +204,8 @@ def _train(config, args, info, device) -> int:
     if len(loader) < int(tr["num_accum"]):
         raise UserError("an epoch has fewer micro-batches than --num-accum; lower --batch-size")
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
     channels, resolution = int(ds.get("channels", 3)), int(ds["resolution"])
     diffusion = build_diffusion(config["diffusion"], decoder="discretized")
     model = build_model(config["model"], diffusion.model_out_channels(channels)).to(device)
