@@ -30,3 +30,27 @@ def resolve_device(spec: str = "auto") -> torch.device:
                 f"{torch.cuda.device_count()} CUDA device(s)"
             )
     return device
+
+
+# torch.compile modes (`--compile MODE`). reduce-overhead adds CUDA graphs (fewer kernel
+# launches); the max-autotune modes also benchmark kernel choices, so they compile longer.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value) -> "str | None":
+    """The torch.compile mode of a `--compile` value (False/None/"": no compile; True: default),
+    or a UserError naming the choices."""
+    if value is None or value is False or value == "":
+        return None
+    if value is True:
+        return "default"
+    if value not in COMPILE_MODES:
+        raise UserError(f"--compile {value!r}: choose one of {', '.join(COMPILE_MODES)}")
+    return str(value)
+
+
+def compile_module(module, mode: "str | None"):
+    """torch.compile(module) in `mode` (None: the module itself)."""
+    if mode is None:
+        return module
+    return torch.compile(module, mode=None if mode == "default" else mode)

@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from ddpmkit.devices import compile_mode, compile_module
 from ddpmkit.diffusion.samplers import NoiseFn, StepInfo, sample
 from ddpmkit.errors import UserError
 from ddpmkit.training.distributed import DistInfo, env_dist_info
@@ -138,14 +139,15 @@ def sample_indexed(diffusion, denoise_fn, sampler, indices: Sequence[int], shape
 
 
 def make_denoise_fn(model: torch.nn.Module, precision: str, device, channels_last: bool = False,
-                    compile_model: bool = False, cuda_graph: bool = False):
+                    compile_model: bool | str | None = False, cuda_graph: bool = False):
     """The network as the sampler calls it, `fn(x_t, t) -> float32 output`, with the requested
     fast paths: bf16 autocast (`precision="bf16"`; the sampler's arithmetic stays float32),
-    channels_last weights and inputs, torch.compile, and CUDA-graph replay."""
+    channels_last weights and inputs, torch.compile (`compile_model`: True or a mode name), and
+    CUDA-graph replay."""
     device = torch.device(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if compile_model else model
+    net = compile_module(model, compile_mode(compile_model))
     autocast = precision == "bf16"
     if precision == "fp32" and not channels_last and not cuda_graph:
         return net

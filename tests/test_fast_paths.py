@@ -64,6 +64,23 @@ def test_compiled_model_matches_eager():
     t = torch.tensor([1, 8])
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t), model(x, t), rtol=1e-4, atol=1e-5)
+        # bf16 autocast, through the GroupNorm that keeps bf16 (traced by dynamo)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast, eager = compiled(x, t), model(x, t)
+        assert fast.dtype == eager.dtype
+        torch.testing.assert_close(fast.float(), eager.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_compile_flag_values():
+    from ddpmkit.devices import COMPILE_MODES, compile_mode, compile_module
+    from ddpmkit.errors import UserError
+
+    assert [compile_mode(v) for v in (None, False, "", True)] == [None, None, None, "default"]
+    assert all(compile_mode(m) == m for m in COMPILE_MODES)
+    with pytest.raises(UserError, match="reduce-overhead"):
+        compile_mode("fast")
+    model = tiny_unet()
+    assert compile_module(model, None) is model
 
 
 def test_bf16_autocast_on_cpu_stays_close_to_fp32():
@@ -78,3 +95,60 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32():
             bf16 = diffusion.training_losses(model, x, t, noise).mean()
     assert bf16.dtype == torch.float32  # the loss itself is computed in float32
     assert abs(bf16.item() - fp32.item()) < 2e-2 * fp32.item()
+
+
+def _group_norm_f64(x, norm):
+    """GroupNorm written out in float64 (Wu & He 2018, eq. 1-3)."""
+    B, C = x.shape[:2]
+    g = x.double().reshape(B, norm.num_groups, -1)
+    y = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True)
+                                                    + norm.eps)
+    shape = (1, C) + (1,) * (x.dim() - 2)
+    return y.reshape(x.shape) * norm.weight.double().view(shape) + norm.bias.double().view(shape)
+
+
+def test_group_norm_keeps_bf16_under_autocast_and_matches_float64():
+    from ddpmkit.models.layers import group_norm
+
+    g = torch.Generator().manual_seed(0)
+    norm = group_norm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(64, generator=g))
+    x = (torch.randn(4, 64, 8, 8, generator=g) * 3 + 1).bfloat16()
+    reference = _group_norm_f64(x, norm)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    # within bf16 rounding of the output (8 significant bits) and of gamma and beta
+    torch.testing.assert_close(y.double(), reference, rtol=2e-2, atol=2e-2)
+    # outside autocast: exactly nn.GroupNorm
+    x32 = x.float()
+    torch.testing.assert_close(norm(x32), torch.nn.functional.group_norm(
+        x32, 32, norm.weight, norm.bias, 1e-5), rtol=0, atol=0)
+    torch.testing.assert_close(norm(x32).double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_bf16_path_has_gradients():
+    from ddpmkit.models.layers import group_norm
+
+    norm = group_norm(32, eps=1e-5)
+    x = torch.randn(2, 32, 4, 4, generator=torch.Generator().manual_seed(1)).bfloat16()
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        norm(x).float().square().sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None and norm.bias.grad is not None
+    assert norm.weight.grad.dtype == torch.float32  # master weights stay float32
+
+
+@pytest.mark.parametrize("argv, expected", [([], None), (["--compile"], "default"),
+                                            (["--compile", "reduce-overhead"], "reduce-overhead")])
+def test_train_compile_flag_reaches_the_config(argv, expected):
+    from ddpmkit.cli.train import build_parser, resolve_config
+    from ddpmkit.config import parse_with_explicit
+    from ddpmkit.devices import compile_mode
+
+    parser = build_parser()
+    args, typed = parse_with_explicit(parser, ["--dataset", "cifar10", *argv])
+    config = resolve_config(args, typed, parser)
+    assert compile_mode(config["train"].get("compile")) == expected

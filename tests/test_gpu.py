@@ -92,7 +92,12 @@ def test_generation_is_deterministic_on_gpu():
     sampler = make_sampler(diffusion, "ddpm")
     a = sample_indexed(diffusion, model, sampler, [0, 5, 9], (3, 32, 32), 42, "cuda")
     b = sample_indexed(diffusion, model, sampler, [9, 0], (3, 32, 32), 42, "cuda")
-    assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0])
+    # The same sample in batches of 3 and 2. cuDNN picks its kernels by batch size, so on a
+    # GPU the values agree up to float rounding (bit-identical on the CPU, tested elsewhere).
+    torch.testing.assert_close(a[0], b[1], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(a[2], b[0], rtol=1e-3, atol=1e-3)
+    again = sample_indexed(diffusion, model, sampler, [0, 5, 9], (3, 32, 32), 42, "cuda")
+    torch.testing.assert_close(again, a, rtol=1e-5, atol=1e-5)  # same batch: a rerun agrees
     noise = IndexedNoise(42)
     idx = torch.tensor([3, 7])
     torch.testing.assert_close(noise.normal(idx.cuda(), 0, (3, 8, 8)).cpu(),
@@ -127,3 +132,16 @@ def test_cuda_graph_sampling_matches_eager_fp32():
         a, b = (sample_indexed(diffusion, fn, sampler, range(4), (3, 32, 32), 7, "cuda")
                 for fn in fns)
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_group_norm_bf16_path_on_cuda_matches_fp32():
+    from ddpmkit.models.layers import group_norm
+
+    norm = group_norm(128, eps=1e-5).cuda()
+    x = (torch.randn(8, 128, 16, 16, generator=torch.Generator().manual_seed(0)) * 2).cuda()
+    with torch.no_grad():
+        reference = norm(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = norm(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference, rtol=2e-2, atol=2e-2)

@@ -152,11 +152,13 @@ def test_extract_features_batches_and_grey(random_model):
 def test_cuda_features_match_cpu(random_model):
     images = _images(2, 32, 32)
     cpu = extract_features(random_model, [images])
-    model = prepare_model(copy.deepcopy(random_model), "cuda")  # channels_last, TF32 off
-    assert model.memory_format == torch.channels_last
-    gpu = extract_features(model, [images])
-    np.testing.assert_allclose(gpu.pool, cpu.pool, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(gpu.logits_unbiased, cpu.logits_unbiased, rtol=1e-4, atol=1e-4)
+    for memory_format in (torch.contiguous_format, torch.channels_last):  # TF32 stays off
+        model = prepare_model(copy.deepcopy(random_model), "cuda", memory_format)
+        assert model.memory_format == memory_format
+        gpu = extract_features(model, [images])
+        np.testing.assert_allclose(gpu.pool, cpu.pool, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(gpu.logits_unbiased, cpu.logits_unbiased, rtol=1e-4,
+                                   atol=1e-4)
 
 
 def test_tf32_disabled_restores_settings():

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Set
 
 from ddpmkit.cli import CLIParser, run_guarded, setup_logging
 from ddpmkit.config import deep_update, find_config_file, load_json, parse_with_explicit
+from ddpmkit.devices import COMPILE_MODES
 from ddpmkit.diffusion import BETA_SCHEDULES, LOSS_TYPES, MODEL_MEAN_TYPES, MODEL_VAR_TYPES
 from ddpmkit.diffusion.schedules import SKIP_SCHEDULES
 from ddpmkit.errors import UserError
@@ -143,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 autocast (CUDA, or CPUs with bf16 support); weights stay fp32")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default: on for CUDA)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+                   help="channels_last memory format (default: off; slower for this UNet on an H100)")
+    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                   metavar="MODE", help="torch.compile the model; MODE: "
+                   f"{', '.join(COMPILE_MODES)} (default: default)")
 
     g = p.add_argument_group("devices and distributed")
     g.add_argument("--train-device", "--device", dest="train_device", default="auto",

@@ -77,12 +77,32 @@ def linear(in_features: int, out_features: int, init_scale: float = 1.0) -> nn.L
     return layer
 
 
-def group_norm(channels: int, eps: float, num_groups: int = DEFAULT_NUM_GROUPS) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that keeps a bf16/fp16 input in its dtype under autocast.
+
+    Autocast runs group_norm in float32: it upcasts the (bf16) convolution output, writes a
+    float32 result, the SiLU reads and writes float32, and the next convolution casts back to
+    bf16: three extra passes over the activation and two extra kernels per norm. The kernels
+    accumulate the statistics in float32 for low-precision inputs, and every GroupNorm output
+    here feeds a convolution that would round it to bf16 anyway, so running it in the input's
+    dtype gives the same numbers up to that rounding. Float32 inputs take nn.GroupNorm's path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and \
+                torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype),
+                                    self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
+
+
+def group_norm(channels: int, eps: float, num_groups: int = DEFAULT_NUM_GROUPS) -> GroupNorm:
     if channels % num_groups != 0:
         raise ValueError(
             f"GroupNorm needs channels divisible by num_groups: {channels} % {num_groups} != 0"
         )
-    return nn.GroupNorm(num_groups, channels, eps=eps)
+    return GroupNorm(num_groups, channels, eps=eps)
 
 
 class TimestepBlock(nn.Module):

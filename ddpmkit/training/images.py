@@ -23,7 +23,7 @@ from torch.utils.data import DistributedSampler
 
 from ddpmkit.build import build_diffusion
 from ddpmkit.config import dump_json
-from ddpmkit.devices import resolve_device
+from ddpmkit.devices import compile_mode, compile_module, resolve_device
 from ddpmkit.errors import UserError
 from ddpmkit.training import distributed as dist_utils
 from ddpmkit.training.checkpoint import latest_checkpoint, load_checkpoint
@@ -209,16 +209,16 @@ def _train(config, args, info, device) -> int:
     channels, resolution = int(ds.get("channels", 3)), int(ds["resolution"])
     diffusion = build_diffusion(config["diffusion"], decoder="discretized")
     model = build_model(config["model"], diffusion.model_out_channels(channels)).to(device)
-    channels_last = tr.get("channels_last")
-    channels_last = device.type == "cuda" if channels_last is None else bool(channels_last)
+    # Off by default: on an H100 (torch 2.11, cuDNN 9.19) this UNet ran slower in channels_last
+    # (GroupNorm has no fast NHWC kernel); see the README's performance section.
+    channels_last = bool(tr.get("channels_last"))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = model
     if info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tr.get("compile"):
-        net = torch.compile(net)
+    net = compile_module(net, compile_mode(tr.get("compile")))
 
     dirs = run_dirs(config)
     if info.is_main:

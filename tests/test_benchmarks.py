@@ -1,0 +1,59 @@
+"""The benchmark scripts run end to end on a tiny config (their numbers are not checked)."""
+
+import json
+import os
+import sys
+
+import pytest
+from helpers import tiny_config
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def bench(one_thread):
+    sys.path.insert(0, BENCH)
+    yield
+    sys.path.remove(BENCH)
+
+
+@pytest.fixture
+def config_path(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(tiny_config()))
+    return str(path)
+
+
+def test_train_throughput_runs_every_mode(bench, config_path, capsys):
+    import train_throughput
+
+    train_throughput.main(["--config", config_path, "--batch-size", "2", "--steps", "1",
+                           "--warmup", "1", "--device", "cpu", "--modes", "fp32", "bf16+cl"])
+    out = capsys.readouterr().out
+    assert "GFLOP per training image" in out
+    assert "bf16+cl" in out and "1.00x" in out
+
+
+def test_sample_throughput_modes_and_samplers(bench, config_path, capsys):
+    import sample_throughput
+
+    assert sample_throughput.main(["--config", config_path, "--batch-size", "2", "--device",
+                                   "cpu", "--samplers", "ddim:3", "dpm-solver++:2", "ddpm",
+                                   "--ddpm-steps", "2", "--modes", "fp32", "bf16", "overhead",
+                                   "--timed-steps", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip().startswith(("ddim", "dpm-solver++", "ddpm"))]
+    assert len(rows) == 9
+    assert {(r[0], r[2]) for r in rows} == {("ddim", "3"), ("dpm-solver++", "2"), ("ddpm", "10")}
+
+
+def test_benchmark_mode_errors(bench):
+    import sample_throughput
+    import train_throughput
+
+    with pytest.raises(SystemExit, match="unknown mode"):
+        train_throughput.parse_mode("bf16+turbo")
+    assert train_throughput.parse_mode("bf16+fused+compile-ro")["compile"] == "reduce-overhead"
+    assert sample_throughput.parse_mode("bf16+compile")["compile"] == "default"
+    with pytest.raises(SystemExit, match="CUDA graphs"):
+        sample_throughput.main(["--device", "cpu", "--modes", "bf16+graph"])
