@@ -3,13 +3,15 @@ fraction of the GPU's peak and peak memory, for a config's UNet with random weig
 
     python benchmarks/sample_throughput.py --threads 1          # CIFAR-10 UNet, CPU-sized run
     python benchmarks/sample_throughput.py --device cuda --batch-size 500 \
-        --samplers ddim:100 dpm-solver++:20 --modes fp32 bf16+cl bf16+cl+compile
+        --samplers ddim:100 dpm-solver++:20 --modes fp32 bf16 bf16+graph bf16+compile
 
 A sampler is `name` or `name:steps` (ddim and dpm-solver++; default --steps). A mode is
 `+`-joined options, built exactly as `ddpmkit generate` builds them: fp32 | bf16 (autocast
-network, float32 sampler), cl (channels_last), compile (torch.compile of the network), graph
-(CUDA-graph replay of the network), and `overhead`: the network replaced by a zero output, which
-times what a step costs besides the network (sampler arithmetic, noise, table lookups).
+network, float32 sampler), cl (channels_last), compile | compile-ro | compile-ma (torch.compile
+of the network in mode default | reduce-overhead | max-autotune-no-cudagraphs), graph
+(CUDA-graph replay of the network, `generate --cuda-graph`), and `overhead`: the network
+replaced by a zero output, which times what a step costs besides the network (sampler
+arithmetic, noise, table lookups).
 Every mode runs in one process, and the speed-up column is against the first mode.
 
 The timed loop is ddpmkit's own `sample` with the counter-based per-sample noise that
@@ -37,9 +39,11 @@ from ddpmkit.diffusion.samplers import SAMPLERS, make_sampler  # noqa: E402
 from ddpmkit.generation import make_denoise_fn, sample_indexed  # noqa: E402
 from ddpmkit.models.loading import build_from_config, image_shape  # noqa: E402
 
-MODE_OPTIONS = {"fp32", "bf16", "cl", "compile", "graph", "overhead"}
+COMPILE_OPTIONS = {"compile": "default", "compile-ro": "reduce-overhead",
+                   "compile-ma": "max-autotune-no-cudagraphs"}
+MODE_OPTIONS = {"fp32", "bf16", "cl", "graph", "overhead"} | set(COMPILE_OPTIONS)
 DEFAULT_CPU_MODES = ["fp32", "bf16"]
-DEFAULT_GPU_MODES = ["fp32", "bf16+cl", "bf16+cl+graph", "bf16+cl+compile"]
+DEFAULT_GPU_MODES = ["fp32", "bf16", "bf16+graph", "bf16+compile"]
 
 
 def parse_mode(mode: str) -> dict:
@@ -48,8 +52,9 @@ def parse_mode(mode: str) -> dict:
     if unknown:
         raise SystemExit(f"unknown mode option(s) {sorted(unknown)} in {mode!r}; "
                          f"choose from {sorted(MODE_OPTIONS)}")
+    compile_modes = [COMPILE_OPTIONS[p] for p in parts if p in COMPILE_OPTIONS]
     return {"precision": "bf16" if "bf16" in parts else "fp32", "channels_last": "cl" in parts,
-            "compile": "compile" in parts, "graph": "graph" in parts,
+            "compile": compile_modes[0] if compile_modes else None, "graph": "graph" in parts,
             "overhead": "overhead" in parts}
 
 

@@ -6,10 +6,11 @@ measured in the same process at the same time:
 
     python benchmarks/train_throughput.py                       # CIFAR-10 config, batch 8, CPU
     python benchmarks/train_throughput.py --device cuda --batch-size 128 \
-        --modes fp32 fp32+cl bf16+cl+fused bf16+cl+fused+compile
+        --modes fp32 bf16+fused bf16+fused+compile bf16+fused+compile-ro
 
 A mode is `+`-joined options: fp32 | bf16 (autocast, fp32 master weights), cl (channels_last),
-fused (fused Adam), compile (torch.compile of the model).
+fused (fused Adam), compile | compile-ro | compile-ma (torch.compile of the model in mode
+default | reduce-overhead, i.e. with CUDA graphs | max-autotune-no-cudagraphs).
 """
 
 import argparse
@@ -31,21 +32,25 @@ from common import (  # noqa: E402
 
 from ddpmkit.build import build_diffusion  # noqa: E402
 from ddpmkit.config import find_config_file, load_json  # noqa: E402
-from ddpmkit.devices import resolve_device  # noqa: E402
+from ddpmkit.devices import compile_module, resolve_device  # noqa: E402
 from ddpmkit.models import build_model  # noqa: E402
 from ddpmkit.training.images import ImageTrainer  # noqa: E402
 
 DEFAULT_CPU_MODES = ["fp32", "fp32+cl", "bf16", "bf16+cl"]
-DEFAULT_GPU_MODES = ["fp32", "fp32+cl+fused", "bf16+cl+fused", "bf16+cl+fused+compile"]
+DEFAULT_GPU_MODES = ["fp32", "bf16+fused", "bf16+fused+compile", "bf16+fused+compile-ro"]
+# mode option -> torch.compile mode
+COMPILE_OPTIONS = {"compile": "default", "compile-ro": "reduce-overhead",
+                   "compile-ma": "max-autotune-no-cudagraphs"}
 
 
 def parse_mode(mode: str):
     parts = set(mode.split("+"))
-    unknown = parts - {"fp32", "bf16", "cl", "fused", "compile"}
+    unknown = parts - {"fp32", "bf16", "cl", "fused"} - set(COMPILE_OPTIONS)
     if unknown:
         raise SystemExit(f"unknown mode option(s) {sorted(unknown)} in {mode!r}")
+    compile_modes = [COMPILE_OPTIONS[p] for p in parts if p in COMPILE_OPTIONS]
     return {"precision": "bf16" if "bf16" in parts else "fp32", "channels_last": "cl" in parts,
-            "fused": "fused" in parts, "compile": "compile" in parts}
+            "fused": "fused" in parts, "compile": compile_modes[0] if compile_modes else None}
 
 
 def make_trainer(config, batch_size, device, opts, steps):
@@ -55,7 +60,7 @@ def make_trainer(config, batch_size, device, opts, steps):
     model = build_model(config["model"], diffusion.model_out_channels(channels)).to(device)
     if opts["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if opts["compile"] else model
+    net = compile_module(model, opts["compile"])
     g = torch.Generator().manual_seed(0)
     data = [(torch.rand(batch_size, channels, res, res, generator=g) * 2 - 1).to(device)
             for _ in range(2)] * (steps // 2 + 1)
