@@ -162,6 +162,8 @@ def test_grayscale_dataset(tmp_path, capsys):
     (["--chkpt-path", "{ckpt}", "--dataset", "celeba"], "trained on cifar10"),
     (["--chkpt-path", "{ckpt}", "--device", "floppy"], "invalid device"),
     (["--chkpt-path", "{ckpt}", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA"),
+    (["--chkpt-path", "{ckpt}", "--cuda-graph", "--compile", "reduce-overhead"], "use one of"),
+    (["--chkpt-path", "{ckpt}", "--compile", "fastest"], "invalid choice: 'fastest'"),
     (["--dataset", "mnist", "--chkpt-dir", "{tmp}"], "ddpm_mnist.pt' does not exist"),
 ])
 def test_bad_input_is_one_line(tmp_path, tiny_checkpoint, capsys, argv, message):

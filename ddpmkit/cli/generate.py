@@ -244,6 +244,9 @@ def run_process(args: argparse.Namespace, typed: set[str], env: DistEnv) -> dict
                                skip_schedule=args.skip_schedule)
     except ValueError as exc:
         raise UserError(f"--sampler {args.sampler}: {exc}") from exc
+    if args.cuda_graph and args.compile == "reduce-overhead":
+        raise UserError("--cuda-graph and --compile reduce-overhead both replay CUDA graphs; "
+                        "use one of them")
     if args.cuda_graph and device.type != "cuda":
         raise UserError(f"--cuda-graph needs a CUDA device, but this run uses {device}; "
                         "drop --cuda-graph or pass --device cuda")
