@@ -19,6 +19,11 @@ GPU_PEAKS = {
 }
 
 
+# `+`-joined mode option -> torch.compile mode, shared by the training and sampling benchmarks.
+COMPILE_OPTIONS = {"compile": "default", "compile-ro": "reduce-overhead",
+                   "compile-ma": "max-autotune-no-cudagraphs"}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

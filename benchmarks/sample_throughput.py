@@ -31,7 +31,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, format_row, peak_flops, peak_memory_mb  # noqa: E402
+from common import (  # noqa: E402
+    COMPILE_OPTIONS,
+    device_name,
+    format_row,
+    peak_flops,
+    peak_memory_mb,
+)
 
 from ddpmkit.config import find_config_file, load_json  # noqa: E402
 from ddpmkit.devices import resolve_device  # noqa: E402
@@ -39,8 +45,6 @@ from ddpmkit.diffusion.samplers import SAMPLERS, make_sampler  # noqa: E402
 from ddpmkit.generation import make_denoise_fn, sample_indexed  # noqa: E402
 from ddpmkit.models.loading import build_from_config, image_shape  # noqa: E402
 
-COMPILE_OPTIONS = {"compile": "default", "compile-ro": "reduce-overhead",
-                   "compile-ma": "max-autotune-no-cudagraphs"}
 MODE_OPTIONS = {"fp32", "bf16", "cl", "graph", "overhead"} | set(COMPILE_OPTIONS)
 DEFAULT_CPU_MODES = ["fp32", "bf16"]
 DEFAULT_GPU_MODES = ["fp32", "bf16", "bf16+graph", "bf16+compile"]

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    COMPILE_OPTIONS,
     count_flops,
     device_name,
     format_row,
@@ -38,9 +39,6 @@ from ddpmkit.training.images import ImageTrainer  # noqa: E402
 
 DEFAULT_CPU_MODES = ["fp32", "fp32+cl", "bf16", "bf16+cl"]
 DEFAULT_GPU_MODES = ["fp32", "bf16+fused", "bf16+fused+compile", "bf16+fused+compile-ro"]
-# mode option -> torch.compile mode
-COMPILE_OPTIONS = {"compile": "default", "compile-ro": "reduce-overhead",
-                   "compile-ma": "max-autotune-no-cudagraphs"}
 
 
 def parse_mode(mode: str):

@@ -80,12 +80,14 @@ def linear(in_features: int, out_features: int, init_scale: float = 1.0) -> nn.L
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm that keeps a bf16/fp16 input in its dtype under autocast.
 
-    Autocast runs group_norm in float32: it upcasts the (bf16) convolution output, writes a
-    float32 result, the SiLU reads and writes float32, and the next convolution casts back to
-    bf16: three extra passes over the activation and two extra kernels per norm. The kernels
-    accumulate the statistics in float32 for low-precision inputs, and every GroupNorm output
-    here feeds a convolution that would round it to bf16 anyway, so running it in the input's
-    dtype gives the same numbers up to that rounding. Float32 inputs take nn.GroupNorm's path.
+    CUDA autocast runs group_norm in float32: it upcasts the (bf16) convolution output, writes
+    a float32 result, the SiLU reads and writes float32, and the next convolution casts back to
+    bf16, so every norm costs about three extra full-size passes over the activation (CPU
+    autocast already keeps group_norm in bf16). The kernels accumulate the statistics in
+    float32 for low-precision inputs, and every GroupNorm output here feeds a convolution that
+    would round it to bf16 anyway, so running it in the input's dtype gives the same numbers up
+    to bf16 rounding. Only gamma and beta are cast (tiny). Float32 inputs take nn.GroupNorm's
+    path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

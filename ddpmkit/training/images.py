@@ -209,8 +209,8 @@ def _train(config, args, info, device) -> int:
     channels, resolution = int(ds.get("channels", 3)), int(ds["resolution"])
     diffusion = build_diffusion(config["diffusion"], decoder="discretized")
     model = build_model(config["model"], diffusion.model_out_channels(channels)).to(device)
-    # Off by default: on an H100 (torch 2.11, cuDNN 9.19) this UNet ran slower in channels_last
-    # (GroupNorm has no fast NHWC kernel); see the README's performance section.
+    # Off by default: on an H100 (torch 2.11, cuDNN 9.19) this UNet trained and sampled slower
+    # in channels_last (README, performance section; the cause was not profiled).
     channels_last = bool(tr.get("channels_last"))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
