@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the CUDA-only tests, every benchmark at GPU sizes, and an
 # end-to-end `train` (torchrun, NCCL, 1 process) + `generate` run. Results go to
-# ${OUT:-gpu_results}/ (summary.txt, one log per stage); about 8 minutes on one H100.
+# ${OUT:-gpu_results}/: device.txt, summary.txt (the end of every stage's log) and logs.tgz (the
+# full logs); about 8 minutes on one H100.
 #   bash benchmarks/gpu_check.sh        (from the repository root; installs nothing)
+#   BUDGET=420 bash benchmarks/gpu_check.sh   (stop starting stages after 420 s; default 570)
 #   SMALL=1 DEVICE=cpu bash benchmarks/gpu_check.sh   (tiny sizes: checks the script itself)
-# Each stage has its own time limit; the torch.compile stages compile for a minute or more each.
+# Each stage has its own time limit, cut to what is left of BUDGET; the torch.compile stages
+# compile for a minute or more each.
 set -uo pipefail
 out="${OUT:-gpu_results}"
-mkdir -p "$out"
+mkdir -p "$out/logs"
+: > "$out/summary.txt"
 py="${PYTHON:-python3}"
 dev="${DEVICE:-cuda}"
+budget="${BUDGET:-570}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+finish() {
+  tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"
+  rm -rf "$work"
+}
+trap finish EXIT
+trap 'exit 143' TERM INT
 
 if [ "${SMALL:-0}" = 1 ]; then  # sizes for a CPU check of the script itself
   TB=4; TS=2; SB=2; SS=2; SMB=2; EI=8; EB=4; PR=500; E2E_N=64; E2E_B=8; E2E_STEPS=4; GEN_N=8
@@ -37,11 +47,17 @@ fi
 
 stage() {  # name, time limit in seconds, command...
   local name=$1 limit=$2; shift 2
-  echo "== $name ($(date -u +%T))" | tee -a "$out/summary.txt"
+  local left=$((budget - SECONDS - 5))
+  if [ "$left" -lt 15 ]; then
+    echo "== $name: skipped, the budget of $budget s is spent" | tee -a "$out/summary.txt"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name ($(date -u +%T), limit $limit s)" | tee -a "$out/summary.txt"
   local start=$SECONDS
-  timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1
+  timeout -k 5 "$limit" "$@" > "$out/logs/$name.log" 2>&1
   local rc=$?
-  grep -v "^\s*$" "$out/$name.log" | tail -n 30 | tee -a "$out/summary.txt"
+  grep -v "^\s*$" "$out/logs/$name.log" | tail -n 30 | tee -a "$out/summary.txt"
   echo "   (exit $rc, $((SECONDS - start)) s)" | tee -a "$out/summary.txt"
 }
 
