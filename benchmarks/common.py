@@ -9,13 +9,14 @@ from typing import Callable, Dict, Optional
 import torch
 
 # Dense peak throughput (FLOP/s) of known GPUs, by a substring of the device name and dtype.
-# Vendor datasheets, without sparsity: H100/H200 SXM 989 TFLOP/s bf16, 495 TF32; A100 312
-# bf16, 156 TF32. "fp32" rows use the TF32 peak: PyTorch runs fp32 convolutions on TF32 tensor
-# cores by default (torch.backends.cudnn.allow_tf32), and the convolutions are the FLOPs.
+# Vendor datasheets, without sparsity: H100/H200 SXM 989 TFLOP/s bf16, 495 TF32, 67 plain
+# fp32; A100 312 bf16, 156 TF32, 19.5 fp32. "fp32" rows use the TF32 peak: PyTorch runs fp32
+# convolutions on TF32 tensor cores by default (torch.backends.cudnn.allow_tf32), and the
+# convolutions are the FLOPs. "fp32-strict" is for work that turns TF32 off (Inception).
 GPU_PEAKS = {
-    "H100": {"bf16": 989e12, "fp32": 495e12},
-    "H200": {"bf16": 989e12, "fp32": 495e12},
-    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "H100": {"bf16": 989e12, "fp32": 495e12, "fp32-strict": 67e12},
+    "H200": {"bf16": 989e12, "fp32": 495e12, "fp32-strict": 67e12},
+    "A100": {"bf16": 312e12, "fp32": 156e12, "fp32-strict": 19.5e12},
 }
 
 

@@ -11,22 +11,26 @@ runs on random 2048-d features of --pr-size real and --pr-size generated points.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import numpy as np
 import torch
 
-from ddpmkit.devices import resolve_device
-from ddpmkit.metrics.fid import feature_statistics, frechet_distance
-from ddpmkit.metrics.inception import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import count_flops, peak_flops, peak_memory_mb, reset_peak_memory  # noqa: E402
+
+from ddpmkit.devices import resolve_device  # noqa: E402
+from ddpmkit.metrics.fid import feature_statistics, frechet_distance  # noqa: E402
+from ddpmkit.metrics.inception import (  # noqa: E402
     FIDInceptionV3,
     extract_features,
     load_fid_inception,
     prepare_model,
     randomize_weights_,
 )
-from ddpmkit.metrics.precision_recall import precision_recall
+from ddpmkit.metrics.precision_recall import precision_recall  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -80,15 +84,23 @@ def main(argv=None) -> int:
     else:
         model = prepare_model(randomize_weights_(FIDInceptionV3(), torch.Generator()
                                                  .manual_seed(0)), device)
+    one = torch.zeros(1, 3, args.image_size, args.image_size, dtype=torch.uint8)
+    flops = count_flops(lambda: extract_features(model, [one]))  # resize + network, per image
+    peak = peak_flops(device, "fp32-strict")  # extract_features turns TF32 off
     formats = [torch.contiguous_format]
     if device.type == "cuda":
         formats.append(torch.channels_last)
     for memory_format in formats:
         model.set_memory_format(memory_format)
+        reset_peak_memory(device)
         rate = inception_images_per_s(model, device, args.num_images, args.batch_size,
                                       args.image_size)
-        print(f"inception: {rate:9.1f} images/s  ({args.num_images} images of "
-              f"{args.image_size}x{args.image_size}, batch {args.batch_size}, {memory_format})")
+        achieved = rate * flops
+        share = f", {100 * achieved / peak:.1f}% of the fp32 peak" if peak else ""
+        print(f"inception: {rate:9.1f} images/s, {achieved / 1e12:.2f} TFLOP/s{share}, peak "
+              f"{peak_memory_mb(device):.0f} MiB  ({args.num_images} images of "
+              f"{args.image_size}x{args.image_size}, batch {args.batch_size}, {memory_format}; "
+              f"{flops / 1e9:.2f} GFLOP per image)")
 
     if args.pr_size > 0:
         real = random_features(args.pr_size, args.feature_dim, 1)

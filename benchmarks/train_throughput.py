@@ -37,7 +37,7 @@ from ddpmkit.devices import compile_module, resolve_device  # noqa: E402
 from ddpmkit.models import build_model  # noqa: E402
 from ddpmkit.training.images import ImageTrainer  # noqa: E402
 
-DEFAULT_CPU_MODES = ["fp32", "fp32+cl", "bf16", "bf16+cl"]
+DEFAULT_CPU_MODES = ["fp32", "fp32+fused", "bf16", "bf16+fused"]
 DEFAULT_GPU_MODES = ["fp32", "bf16+fused", "bf16+fused+compile", "bf16+fused+compile-ro"]
 
 

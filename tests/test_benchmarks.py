@@ -57,3 +57,13 @@ def test_benchmark_mode_errors(bench):
     assert sample_throughput.parse_mode("bf16+compile")["compile"] == "default"
     with pytest.raises(SystemExit, match="CUDA graphs"):
         sample_throughput.main(["--device", "cpu", "--modes", "bf16+graph"])
+
+
+def test_eval_throughput_runs(bench, capsys):
+    import eval_throughput
+
+    assert eval_throughput.main(["--device", "cpu", "--num-images", "2", "--batch-size", "2",
+                                 "--pr-size", "50", "--feature-dim", "64",
+                                 "--row-batch-size", "16", "--col-batch-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "GFLOP per image" in out and "precision/recall" in out and "frechet" in out
