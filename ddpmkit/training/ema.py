@@ -45,7 +45,7 @@ class EMA:
         """One EMA step toward `model`'s current weights."""
         decay = self.current_decay()
         shadow = [p for p in self.model.parameters()]
-        params = [p.detach() for p in model.parameters()]
+        params = list(model.parameters())  # no detach needed under no_grad (one call fewer each)
         if len(shadow) != len(params):
             raise ValueError("EMA model and model have different parameter lists")
         # lerp: shadow + (1 - decay) * (param - shadow), one fused kernel over all tensors.
