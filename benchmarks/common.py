@@ -70,6 +70,22 @@ def time_calls(fn: Callable[[], None], device: torch.device, warmup: int, iters:
     return (time.perf_counter() - start) / iters
 
 
+def host_seconds(fn: Callable[[], None], device: torch.device, iters: int = 3) -> Optional[float]:
+    """On CUDA: seconds the host spends issuing one call of `fn` from an idle GPU (synchronized
+    before, not after). Close to the call's full time means launch-bound: the GPU waits for
+    the CPU. None on the CPU, where host and device time are the same."""
+    if device.type != "cuda":
+        return None
+    total = 0.0
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        total += time.perf_counter() - start
+    synchronize(device)
+    return total / iters
+
+
 def count_flops(fn: Callable[[], None]) -> int:
     """FLOPs of one call, counted by torch's FlopCounterMode (matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode

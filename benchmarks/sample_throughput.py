@@ -12,7 +12,9 @@ of the network in mode default | reduce-overhead | max-autotune-no-cudagraphs), 
 (CUDA-graph replay of the network, `generate --cuda-graph`), and `overhead`: the network
 replaced by a zero output, which times what a step costs besides the network (sampler
 arithmetic, noise, table lookups).
-Every mode runs in one process, and the speed-up column is against the first mode.
+Every mode runs in one process, and the speed-up column is against the first mode. On CUDA,
+"host ms" is the CPU time to issue one network call to an idle GPU (launch-bound when close to
+"ms/step").
 
 The timed loop is ddpmkit's own `sample` with the counter-based per-sample noise that
 `generate` uses; PNG writing is not timed. DDPM times `--ddpm-steps` of its T steps and
@@ -35,6 +37,7 @@ from common import (  # noqa: E402
     COMPILE_OPTIONS,
     device_name,
     format_row,
+    host_seconds,
     peak_flops,
     peak_memory_mb,
 )
@@ -154,7 +157,8 @@ def main(argv=None) -> int:
     print(f"# sampling, config {os.path.basename(path)}: {params / 1e6:.1f}M parameters, "
           f"{flops / 1e9:.2f} GFLOP per {'x'.join(map(str, shape))} image forward; batch "
           f"{args.batch_size}; {device_name(device)}; torch {torch.__version__}")
-    widths = {"sampler": 13, "mode": 20, "steps": 5, "timed": 5, "ms/step": 9, "img/s": 9,
+    widths = {"sampler": 13, "mode": 20, "steps": 5, "timed": 5, "ms/step": 9, "host ms": 8,
+              "img/s": 9,
               "speedup": 7, f"{args.num_images // 1000}k min": 8, "TFLOP/s": 8, "% peak": 6,
               "peak MiB": 8}
     print(format_row({k: k for k in widths}, widths))
@@ -169,6 +173,11 @@ def main(argv=None) -> int:
             denoise_fn = make_denoise_fn(model, opts["precision"], device, opts["channels_last"],
                                          opts["compile"], cuda_graph=opts["graph"])
         peak = peak_flops(device, opts["precision"])
+        x = torch.zeros(args.batch_size, *shape, device=device)
+        t = torch.full((args.batch_size,), diffusion.T - 1, device=device)
+        with torch.no_grad():
+            denoise_fn(x, t)  # compile / capture before timing the host
+            host = host_seconds(lambda fn=denoise_fn, x=x, t=t: fn(x, t), device)
         for name, steps in samplers:
             timed = (args.ddpm_steps or args.steps) if name == "ddpm" else steps
             timed = min(timed, args.timed_steps or timed)
@@ -179,7 +188,8 @@ def main(argv=None) -> int:
             achieved = 0.0 if opts["overhead"] else flops * args.batch_size / per_step
             print(format_row({
                 "sampler": name, "mode": mode, "steps": full, "timed": timed,
-                "ms/step": f"{per_step * 1e3:.2f}", "img/s": f"{img_s:.1f}",
+                "ms/step": f"{per_step * 1e3:.2f}",
+                "host ms": "-" if host is None else f"{host * 1e3:.2f}", "img/s": f"{img_s:.1f}",
                 "speedup": "-" if opts["overhead"] else f"{img_s / baseline[name]:.2f}x",
                 f"{args.num_images // 1000}k min": f"{args.num_images / img_s / 60:.1f}",
                 "TFLOP/s": f"{achieved / 1e12:.2f}",

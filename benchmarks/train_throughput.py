@@ -8,6 +8,9 @@ measured in the same process at the same time:
     python benchmarks/train_throughput.py --device cuda --batch-size 128 \
         --modes fp32 bf16+fused bf16+fused+compile bf16+fused+compile-ro
 
+On CUDA, "host ms" is the time the CPU takes to issue one step to an idle GPU: when it is close
+to "ms/step", the step is launch-bound (the GPU waits for Python and the kernel launches).
+
 A mode is `+`-joined options: fp32 | bf16 (autocast, fp32 master weights), cl (channels_last),
 fused (fused Adam), compile | compile-ro | compile-ma (torch.compile of the model in mode
 default | reduce-overhead, i.e. with CUDA graphs | max-autotune-no-cudagraphs).
@@ -25,6 +28,7 @@ from common import (  # noqa: E402
     count_flops,
     device_name,
     format_row,
+    host_seconds,
     peak_flops,
     peak_memory_mb,
     reset_peak_memory,
@@ -37,6 +41,7 @@ from ddpmkit.devices import compile_module, resolve_device  # noqa: E402
 from ddpmkit.models import build_model  # noqa: E402
 from ddpmkit.training.images import ImageTrainer  # noqa: E402
 
+HOST_ITERS = 3  # steps timed for the host's share (CUDA only)
 DEFAULT_CPU_MODES = ["fp32", "fp32+fused", "bf16", "bf16+fused"]
 DEFAULT_GPU_MODES = ["fp32", "bf16+fused", "bf16+fused+compile", "bf16+fused+compile-ro"]
 
@@ -101,26 +106,28 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"# {n_params / 1e6:.2f}M parameters; {flops_per_image / 1e9:.2f} GFLOP per training "
           "image (forward + backward, counted)")
-    widths = {"mode": 24, "img/s": 9, "ms/step": 9, "speedup": 8, "peak MB": 9, "TFLOP/s": 8,
-              "% peak": 7}
+    widths = {"mode": 24, "img/s": 9, "ms/step": 9, "host ms": 8, "speedup": 8, "peak MB": 9,
+              "TFLOP/s": 8, "% peak": 7}
     print(format_row({k: k for k in widths}, widths))
     baseline = None
     for mode in modes:
         opts = parse_mode(mode)
         trainer, _, data = make_trainer(config, args.batch_size, device, opts,
-                                        args.steps + args.warmup)
+                                        args.steps + args.warmup + HOST_ITERS)
         reset_peak_memory(device)
 
         def step(trainer=trainer):
             trainer.train_epoch(max_steps=trainer.step + 1)
 
         seconds = time_calls(step, device, args.warmup, args.steps)
+        host = host_seconds(step, device, HOST_ITERS)
         ips = args.batch_size / seconds
         baseline = baseline or ips
         achieved = ips * flops_per_image
         peak = peak_flops(device, opts["precision"])
         print(format_row({
             "mode": mode, "img/s": f"{ips:.1f}", "ms/step": f"{seconds * 1e3:.0f}",
+            "host ms": "-" if host is None else f"{host * 1e3:.0f}",
             "speedup": f"{ips / baseline:.2f}x", "peak MB": f"{peak_memory_mb(device):.0f}",
             "TFLOP/s": f"{achieved / 1e12:.3f}",
             "% peak": f"{100 * achieved / peak:.1f}" if peak else "-"}, widths))
