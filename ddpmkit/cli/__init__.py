@@ -31,6 +31,20 @@ class CLIParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def add_speed_flags(group, what: str) -> None:
+    """`--channels-last` and `--compile [MODE]`, shared by train and generate; `what` names the
+    network in the help text."""
+    from ddpmkit.devices import COMPILE_MODES
+
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels_last memory format (default: off; slower for this UNet "
+                            "on an H100)")
+    group.add_argument("--compile", nargs="?", const="default", default=None,
+                       choices=COMPILE_MODES, metavar="MODE",
+                       help=f"torch.compile the {what}; MODE: {', '.join(COMPILE_MODES)} "
+                            "(default: default)")
+
+
 def run_guarded(fn: Callable[[], Optional[int]]) -> int:
     """Run a command body; a UserError (or Ctrl-C) becomes a one-line message, not a traceback."""
     try:

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from ddpmkit.cli import CLIParser, run_guarded, setup_logging
+from ddpmkit.cli import CLIParser, add_speed_flags, run_guarded, setup_logging
 from ddpmkit.config import find_config_file, load_json, parse_with_explicit
-from ddpmkit.devices import COMPILE_MODES, resolve_device
+from ddpmkit.devices import resolve_device
 from ddpmkit.diffusion.samplers import SAMPLERS, make_sampler
 from ddpmkit.diffusion.schedules import SKIP_SCHEDULES
 from ddpmkit.errors import UserError
@@ -99,11 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample i's noise is a function of (seed, i)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="network precision (bf16: autocast; the sampler stays float32)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default: off; slower for this UNet on an H100)")
-    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
-                   metavar="MODE", help="torch.compile the network (pays off on GPUs for long "
-                   f"runs); MODE: {', '.join(COMPILE_MODES)} (default: default)")
+    add_speed_flags(p, "network (pays off on GPUs for long runs)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay the network as a CUDA graph (CUDA only; pays off for small "
                         "batches, where launching kernels is the bottleneck)")

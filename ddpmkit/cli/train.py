@@ -9,9 +9,8 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Set
 
-from ddpmkit.cli import CLIParser, run_guarded, setup_logging
+from ddpmkit.cli import CLIParser, add_speed_flags, run_guarded, setup_logging
 from ddpmkit.config import deep_update, find_config_file, load_json, parse_with_explicit
-from ddpmkit.devices import COMPILE_MODES
 from ddpmkit.diffusion import BETA_SCHEDULES, LOSS_TYPES, MODEL_MEAN_TYPES, MODEL_VAR_TYPES
 from ddpmkit.diffusion.schedules import SKIP_SCHEDULES
 from ddpmkit.errors import UserError
@@ -143,11 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("speed")
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 autocast (CUDA, or CPUs with bf16 support); weights stay fp32")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default: off; slower for this UNet on an H100)")
-    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
-                   metavar="MODE", help="torch.compile the model; MODE: "
-                   f"{', '.join(COMPILE_MODES)} (default: default)")
+    add_speed_flags(g, "model")
 
     g = p.add_argument_group("devices and distributed")
     g.add_argument("--train-device", "--device", dest="train_device", default="auto",
