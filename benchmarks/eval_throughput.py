@@ -19,7 +19,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import count_flops, peak_flops, peak_memory_mb, reset_peak_memory  # noqa: E402
+from common import (  # noqa: E402
+    count_flops,
+    peak_flops,
+    peak_memory_mb,
+    reset_peak_memory,
+    synchronize,
+)
 
 from ddpmkit.devices import resolve_device  # noqa: E402
 from ddpmkit.metrics.fid import feature_statistics, frechet_distance  # noqa: E402
@@ -33,21 +39,16 @@ from ddpmkit.metrics.inception import (  # noqa: E402
 from ddpmkit.metrics.precision_recall import precision_recall  # noqa: E402
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def inception_images_per_s(model, device, num_images, batch_size, image_size) -> float:
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (batch_size, 3, image_size, image_size), generator=g,
                           dtype=torch.uint8)
     num_batches = max(1, num_images // batch_size)
     extract_features(model, [batch])  # warm-up: allocator, cudnn algorithm choice
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     extract_features(model, [batch] * num_batches)
-    _sync(device)
+    synchronize(device)
     return num_batches * batch_size / (time.perf_counter() - start)
 
 
@@ -105,11 +106,11 @@ def main(argv=None) -> int:
     if args.pr_size > 0:
         real = random_features(args.pr_size, args.feature_dim, 1)
         fake = random_features(args.pr_size, args.feature_dim, 2)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         pr = precision_recall(real, fake, nhood_size=3, row_batch_size=args.row_batch_size,
                               col_batch_size=args.col_batch_size, device=device)
-        _sync(device)
+        synchronize(device)
         print(f"precision/recall: {time.perf_counter() - start:7.2f} s  ({args.pr_size} x "
               f"{args.pr_size}, {args.feature_dim}-d, k=3, blocks {args.row_batch_size} x "
               f"{args.col_batch_size}; precision {pr.precision:.3f} recall {pr.recall:.3f})")

@@ -35,11 +35,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     COMPILE_OPTIONS,
+    count_flops,
     device_name,
     format_row,
     host_seconds,
     peak_flops,
     peak_memory_mb,
+    reset_peak_memory,
+    synchronize,
 )
 
 from ddpmkit.config import find_config_file, load_json  # noqa: E402
@@ -99,17 +102,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def forward_flops(model: torch.nn.Module, shape, device) -> float:
-    """FLOPs of one forward pass for one image (2 per multiply-add), counted by torch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(1, *shape, device=device)
-    t = torch.zeros(1, dtype=torch.long, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x, t)
-    return float(counter.get_total_flops())
-
-
 def time_sampler(diffusion, denoise_fn, name, steps, batch_size, shape, device, timed_steps):
     """(full length of the sampler, steps timed, seconds per step)."""
     sampler = make_sampler(diffusion, name, steps=steps)
@@ -119,13 +111,11 @@ def time_sampler(diffusion, denoise_fn, name, steps, batch_size, shape, device, 
     warm = make_sampler(diffusion, name, steps=steps)
     warm.timesteps = warm.timesteps[:1]
     sample_indexed(diffusion, denoise_fn, warm, indices, shape, 0, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    reset_peak_memory(device)
     start = time.perf_counter()
     sample_indexed(diffusion, denoise_fn, sampler, indices, shape, 0, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return full_steps, len(sampler.timesteps), seconds / len(sampler.timesteps)
 
@@ -152,14 +142,15 @@ def main(argv=None) -> int:
     model, diffusion = build_from_config(config)
     model = model.to(device).eval()
     shape = image_shape(config)
-    flops = forward_flops(model, shape, device)
+    x1, t1 = torch.zeros(1, *shape, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        flops = count_flops(lambda: model(x1, t1))  # one image's forward (2 per multiply-add)
     params = sum(p.numel() for p in model.parameters())
     print(f"# sampling, config {os.path.basename(path)}: {params / 1e6:.1f}M parameters, "
           f"{flops / 1e9:.2f} GFLOP per {'x'.join(map(str, shape))} image forward; batch "
           f"{args.batch_size}; {device_name(device)}; torch {torch.__version__}")
     widths = {"sampler": 13, "mode": 20, "steps": 5, "timed": 5, "ms/step": 9, "host ms": 8,
-              "img/s": 9,
-              "speedup": 7, f"{args.num_images // 1000}k min": 8, "TFLOP/s": 8, "% peak": 6,
+              "img/s": 9, "speedup": 7, f"{args.num_images // 1000}k min": 8, "TFLOP/s": 8, "% peak": 6,
               "peak MiB": 8}
     print(format_row({k: k for k in widths}, widths))
     baseline = {}

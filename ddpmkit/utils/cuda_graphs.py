@@ -12,11 +12,11 @@ weight updates, but it replays the exact kernels it captured (same shapes, dtype
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Dict, Tuple
 
 import torch
 
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from ddpmkit.diffusion.gaussian import DenoiseFn
 
 
 class CUDAGraphDenoiser:
