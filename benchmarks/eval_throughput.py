@@ -4,7 +4,9 @@
     python benchmarks/eval_throughput.py --device cuda --num-images 5000 --batch-size 250
 
 Inception runs with random weights unless --inception-weights gives the real file (timings do
-not depend on the values). On CUDA, NCHW and channels_last are both timed. Precision/recall
+not depend on the values). On CUDA, the strict float32 default (NCHW) is compared with
+channels_last, cuDNN autotuning and TF32 (`ddpmkit eval --tf32`), each with the relative
+error of its features against the default's. Precision/recall
 runs on random 2048-d features of --pr-size real and --pr-size generated points.
 """
 
@@ -87,21 +89,40 @@ def main(argv=None) -> int:
                                                  .manual_seed(0)), device)
     one = torch.zeros(1, 3, args.image_size, args.image_size, dtype=torch.uint8)
     flops = count_flops(lambda: extract_features(model, [one]))  # resize + network, per image
-    peak = peak_flops(device, "fp32-strict")  # extract_features turns TF32 off
-    formats = [torch.contiguous_format]
+    # (label, memory format, cuDNN autotuning, TF32). The default, and the reference
+    # implementations' arithmetic, is the first: NCHW, strict float32.
+    variants = [("fp32", torch.contiguous_format, False, False)]
     if device.type == "cuda":
-        formats.append(torch.channels_last)
-    for memory_format in formats:
-        model.set_memory_format(memory_format)
-        reset_peak_memory(device)
-        rate = inception_images_per_s(model, device, args.num_images, args.batch_size,
-                                      args.image_size)
+        variants += [("fp32 channels_last", torch.channels_last, False, False),
+                     ("fp32 + cudnn autotune", torch.contiguous_format, True, False),
+                     ("tf32 (--tf32: autotune + TF32)", torch.contiguous_format, True, True)]
+    g = torch.Generator().manual_seed(1)
+    probe = torch.randint(0, 256, (min(args.batch_size, 64), 3, args.image_size,
+                                   args.image_size), generator=g, dtype=torch.uint8)
+    strict_pool, width = None, max(len(v[0]) for v in variants)
+    for label, memory_format, autotune, tf32 in variants:
+        model.set_memory_format(memory_format).set_tf32(tf32)
+        benchmark_before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = autotune
+        try:
+            reset_peak_memory(device)
+            rate = inception_images_per_s(model, device, args.num_images, args.batch_size,
+                                          args.image_size)
+            pool = extract_features(model, [probe]).pool
+        finally:
+            torch.backends.cudnn.benchmark = benchmark_before
+        if strict_pool is None:
+            strict_pool = pool
+        error = np.linalg.norm(pool - strict_pool) / np.linalg.norm(strict_pool)
+        peak = peak_flops(device, "fp32" if tf32 else "fp32-strict")  # TF32 or plain fp32
         achieved = rate * flops
-        share = f", {100 * achieved / peak:.1f}% of the fp32 peak" if peak else ""
-        print(f"inception: {rate:9.1f} images/s, {achieved / 1e12:.2f} TFLOP/s{share}, peak "
-              f"{peak_memory_mb(device):.0f} MiB  ({args.num_images} images of "
-              f"{args.image_size}x{args.image_size}, batch {args.batch_size}, {memory_format}; "
-              f"{flops / 1e9:.2f} GFLOP per image)")
+        share = f", {100 * achieved / peak:.1f}% of peak" if peak else ""
+        print(f"inception {label:{width}s}: {rate:9.1f} images/s, {achieved / 1e12:.2f} TFLOP/s"
+              f"{share}, peak {peak_memory_mb(device):.0f} MiB, features vs the first row: "
+              f"relative error {error:.1e}")
+    model.set_memory_format(torch.contiguous_format).set_tf32(False)
+    print(f"  ({args.num_images} images of {args.image_size}x{args.image_size}, batch "
+          f"{args.batch_size}; {flops / 1e9:.2f} GFLOP per image)")
 
     if args.pr_size > 0:
         real = random_features(args.pr_size, args.feature_dim, 1)

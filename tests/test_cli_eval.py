@@ -233,6 +233,7 @@ def test_cli_too_few_images(tmp_path, accept_random_weights, capsys, extra, mess
     (["--folder-name", "nope"], "does not exist"),
     (["--folder-name", "a", "--sample-folder", "b"], "not both"),
     (["--nhood-size", "0"], "--nhood-size"),
+    (["--tf32"], "--tf32 needs Inception on a CUDA GPU"),
 ])
 def test_cli_user_errors(tmp_path, capsys, argv, message):
     assert cli_eval.main(["--eval-dir", str(tmp_path), "--device", "cpu", *argv]) == 2

@@ -26,6 +26,7 @@ from ddpmkit.metrics.inception import (
     randomize_weights_,
     resize_bilinear_tf1,
     tf32_disabled,
+    tf32_enabled,
 )
 from ddpmkit.metrics.weights import (
     INCEPTION_WEIGHTS,
@@ -169,6 +170,50 @@ def test_tf32_disabled_restores_settings():
     with tf32_disabled():
         assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
     assert (matmul.fp32_precision, conv.fp32_precision) == before
+
+
+def test_tf32_enabled_restores_settings():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("older torch: legacy allow_tf32 flags")
+    before = (matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark)
+    with tf32_enabled():
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert torch.backends.cudnn.benchmark
+    assert (matmul.fp32_precision, conv.fp32_precision,
+            torch.backends.cudnn.benchmark) == before
+    with pytest.raises(RuntimeError), tf32_enabled():  # restored on errors too
+        raise RuntimeError
+    assert (matmul.fp32_precision, conv.fp32_precision,
+            torch.backends.cudnn.benchmark) == before
+
+
+def test_tf32_is_cuda_only_and_changes_the_identity(random_model):
+    model = copy.deepcopy(random_model)
+    strict = model.identity
+    with pytest.raises(UserError, match="CUDA"):
+        model.set_tf32(True)
+    assert model.identity == strict and not model.tf32
+    model.tf32 = True  # as set_tf32 does on a GPU
+    assert model.identity == strict + "+tf32"
+    model.identity = "other"  # the weights part can still be replaced
+    assert model.identity == "other+tf32"
+    # the CPU has no TF32: the same features through the TF32 branch
+    images = _images(2, 16, 16)
+    np.testing.assert_array_equal(extract_features(model, [images]).pool,
+                                  extract_features(random_model, [images]).pool)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tf32_features_are_close_to_strict(random_model):
+    images = _images(8, 32, 32)
+    model = prepare_model(copy.deepcopy(random_model), "cuda")
+    strict = extract_features(model, [images]).pool
+    fast = extract_features(model.set_tf32(True), [images]).pool
+    assert model.identity.endswith("+tf32")
+    rel = np.linalg.norm(fast - strict) / np.linalg.norm(strict)
+    assert rel < 1e-2, rel  # TF32: 10 mantissa bits, errors well under a percent
 
 
 # ----------------------------------------------------------------------------- weights

@@ -25,6 +25,7 @@ from ddpmkit.metrics.inception import (
 from ddpmkit.metrics.stats import (
     load_or_compute_reference_stats,
     load_reference_stats,
+    reference_stats_path,
     save_reference_stats,
     stale_reason,
     stats_from_features,
@@ -117,6 +118,13 @@ def test_load_or_compute_uses_and_refreshes_the_cache(model, tmp_path):
         model.identity = "test-extractor"
     assert len(calls) == 3
     assert load_reference_stats(path).extractor_id == "other-extractor"
+
+
+def test_tf32_statistics_have_their_own_cache_file(tmp_path):
+    strict = reference_stats_path(str(tmp_path), "cifar10", "train")
+    tf32 = reference_stats_path(str(tmp_path), "cifar10", "train", tf32=True)
+    assert strict.endswith("inception_cifar10_train.npz") and tf32 != strict
+    assert os.path.dirname(tf32) == os.path.dirname(strict)
 
 
 # ----------------------------------------------------------------------------- image sources

@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="pt_inception-2015-12-05-6726825d.pth (default: torch hub's checkpoint "
                         "folder, downloaded when missing)")
+    p.add_argument("--tf32", action="store_true",
+                   help="run Inception with TF32 tensor cores on CUDA (Ampere and newer): "
+                        "faster, but features differ from the float32 reference, so the "
+                        "numbers are not comparable with published ones (reference statistics "
+                        "are cached separately)")
     g = p.add_argument_group("bits/dim (--metrics bpd): the variational bound of a checkpoint")
     g.add_argument("--chkpt-path", default=None, help="model checkpoint (ours or the "
                    "reference project's)")
@@ -202,6 +207,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
     _check_args(args)
     model_device, eval_device = devices_of(args)
+    if args.tf32 and model_device.type != "cuda":
+        raise UserError(f"--tf32 needs Inception on a CUDA GPU (Ampere or newer), not "
+                        f"{model_device}; drop --tf32 or pass --model-device cuda")
     progress = sys.stderr.isatty()
     metrics = list(dict.fromkeys(args.metrics))
     results: dict = {}
@@ -214,7 +222,7 @@ def evaluate(args: argparse.Namespace) -> int:
     sample_folder = sample_folder_of(args)
     loader = folder_batches(sample_folder, args.eval_batch_size, args.num_workers,
                             max_images=args.eval_total_size, seed=args.seed)
-    model = load_fid_inception(args.inception_weights, model_device)
+    model = load_fid_inception(args.inception_weights, model_device, tf32=args.tf32)
     ref = None
     if NEEDS_REFERENCE.intersection(metrics):  # first: a missing reference fails fast
         ref = reference_stats(args, model, progress)

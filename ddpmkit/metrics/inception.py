@@ -37,6 +37,7 @@ from ddpmkit.metrics.weights import WeightsFile, resolve_inception_weights
 INPUT_SIZE = 299  # the graph's input resolution
 NUM_CLASSES = 1008  # outputs of the 2015-12-05 graph's final layer
 POOL_DIM = 2048
+TF32_SUFFIX = "+tf32"  # appended to the identity of an extractor that uses TF32
 BN_EPS = 1e-3  # TF's BatchNorm epsilon in this graph (torch's default is 1e-5)
 PIXEL_OFFSET = 128.0  # the graph maps uint8 pixels p to (p - 128) / 128
 PIXEL_SCALE = 128.0
@@ -253,7 +254,8 @@ class FIDInceptionV3(nn.Module):
     """Inception-v3 as in the TF graph of 2015-12-05; call it on uint8 images (B, 3, H, W).
 
     Built with PyTorch's default (random) initialisation: load real weights with
-    `load_fid_inception`. `identity` names the extractor and its weights for cached statistics.
+    `load_fid_inception`. `identity` names the extractor, its weights and, when `tf32` is on,
+    its arithmetic, for cached statistics.
     """
 
     def __init__(self):
@@ -276,9 +278,32 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7c = MixedE(2048, pool="max")
         self.fc = nn.Linear(POOL_DIM, NUM_CLASSES)
         self.identity = f"{EXTRACTOR_NAME}/random-init"
+        # Strict float32 by default, as the reference implementations compute; `set_tf32`.
+        self.tf32 = False
         # NCHW: bit-identical features to the reference implementations on the CPU, and faster
         # than NHWC in fp32 on an H100 too. `set_memory_format` switches weights and activations.
         self.memory_format = torch.contiguous_format
+
+    @property
+    def identity(self) -> str:
+        return self._identity + (TF32_SUFFIX if self.tf32 else "")
+
+    @identity.setter
+    def identity(self, value: str) -> None:
+        self._identity = value
+
+    def set_tf32(self, enabled: bool) -> FIDInceptionV3:
+        """Let `extract_features` use TF32 tensor cores (and cuDNN autotuning) on CUDA.
+
+        Faster on Ampere and newer GPUs, but TF32 keeps 10 mantissa bits, so the features
+        differ from the float32 reference by far more than float32 rounding. Statistics made
+        this way carry a different `identity` and are never mixed with strict ones. CUDA only.
+        """
+        if enabled and next(self.parameters()).device.type != "cuda":
+            raise UserError("TF32 exists only on CUDA GPUs (Ampere and newer); drop --tf32 "
+                            "or run Inception on a GPU")
+        self.tf32 = bool(enabled)
+        return self
 
     def set_memory_format(self, memory_format: torch.memory_format) -> FIDInceptionV3:
         """Store weights and run activations in `memory_format` (contiguous or channels_last)."""
@@ -369,14 +394,16 @@ def load_fid_inception(
     spec: WeightsFile | None = None,
     cache_dir: str | None = None,
     download: bool = True,
+    tf32: bool = False,
 ) -> FIDInceptionV3:
-    """The FID Inception with verified weights, in eval mode, without gradients, on `device`."""
+    """The FID Inception with verified weights, in eval mode, without gradients, on `device`
+    (`tf32`: see `FIDInceptionV3.set_tf32`)."""
     path, sha256 = resolve_inception_weights(weights_path, spec=spec, cache_dir=cache_dir,
                                              download=download)
     model = FIDInceptionV3()
     load_inception_state_dict(model, path)
     model.identity = extractor_identity(sha256)
-    return prepare_model(model, device)
+    return prepare_model(model, device).set_tf32(tf32)
 
 
 def prepare_model(model: FIDInceptionV3, device: str | torch.device,
@@ -392,6 +419,32 @@ def prepare_model(model: FIDInceptionV3, device: str | torch.device,
 # --------------------------------------------------------------------------------------------
 # Extraction
 # --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def tf32_enabled() -> Iterator[None]:
+    """TF32 matmuls and convolutions, and cuDNN autotuning, on CUDA inside the block (restored
+    afterwards)."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+            saved = (matmul.fp32_precision, conv.fp32_precision)
+            matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
+            try:
+                yield
+            finally:
+                matmul.fp32_precision, conv.fp32_precision = saved
+        else:  # older torch
+            saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            try:
+                yield
+            finally:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    finally:
+        torch.backends.cudnn.benchmark = saved_benchmark
+
 
 @contextlib.contextmanager
 def tf32_disabled() -> Iterator[None]:
@@ -436,8 +489,8 @@ def extract_features(
 ) -> InceptionFeatures:
     """Run `model` over uint8 image batches (B, 3 or 1, H, W); features stay on the CPU.
 
-    The model's device is used; TF32 is off throughout. `total` (number of batches) only
-    sizes the progress bar.
+    The model's device is used; TF32 is off throughout unless the model's `set_tf32` turned it
+    on. `total` (number of batches) only sizes the progress bar.
     """
     device = next(model.parameters()).device
     pools: list[np.ndarray] = []
@@ -445,7 +498,8 @@ def extract_features(
     if progress:
         from tqdm import tqdm
         batches = tqdm(batches, total=total, desc="Inception features", unit="batch")
-    with tf32_disabled(), torch.inference_mode():
+    arithmetic = tf32_enabled() if model.tf32 else tf32_disabled()
+    with arithmetic, torch.inference_mode():
         for images in batches:
             out = model(images.to(device, non_blocking=True))
             pools.append(out.pool.float().cpu().numpy())

@@ -152,8 +152,12 @@ def load_or_compute_reference_stats(
     return stats
 
 
-def reference_stats_path(precomputed_dir: str, dataset: str, split: str) -> str:
-    return os.path.join(os.path.expanduser(precomputed_dir), f"inception_{dataset}_{split}.npz")
+def reference_stats_path(precomputed_dir: str, dataset: str, split: str,
+                         tf32: bool = False) -> str:
+    """The cache file; TF32 statistics get their own, so switching --tf32 recomputes nothing."""
+    suffix = "_tf32" if tf32 else ""
+    return os.path.join(os.path.expanduser(precomputed_dir),
+                        f"inception_{dataset}_{split}{suffix}.npz")
 
 
 def _open_dataset(dataset: str, root: str, split: str, download: bool):
@@ -188,7 +192,7 @@ def dataset_reference_stats(
     still used, with a warning that its image count could not be checked.
     """
     source = f"{dataset}/{split}"
-    path = reference_stats_path(precomputed_dir, dataset, split)
+    path = reference_stats_path(precomputed_dir, dataset, split, tf32=model.tf32)
     data, why_not = _open_dataset(dataset, root, split, download)
     if data is None:
         if os.path.isfile(path):
