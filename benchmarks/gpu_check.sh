@@ -43,6 +43,10 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'cudnn', torch.backends.cudnn.version(), 'cpus', __import__('os').cpu_count())"
+  # channels_last pays only where GroupNorm keeps it (CUDA GroupNorm had no NHWC kernels)
+  "$py" -c "import torch; x = torch.randn(2, 64, 8, 8, device='$dev').to(memory_format=\
+torch.channels_last); y = torch.nn.functional.group_norm(x, 32); print('group_norm keeps \
+channels_last:', y.is_contiguous(memory_format=torch.channels_last))"
 } 2>&1 | tee "$out/device.txt"
 
 stage() {  # name, time limit in seconds, command...
@@ -64,13 +68,15 @@ stage() {  # name, time limit in seconds, command...
 stage tests 100 "$py" -m pytest -q -p no:cacheprovider -m gpu "${TESTS[@]}"
 stage train 90 "$py" benchmarks/train_throughput.py --device "$dev" --batch-size $TB \
     --steps $TS --warmup 5 --modes $TRAIN_FAST
+stage profile 60 "$py" benchmarks/profile_step.py --device "$dev" --batch-size $TB \
+    --sample-batch-size $SB --mode bf16
 stage sample 75 "$py" benchmarks/sample_throughput.py --device "$dev" --batch-size $SB \
     --samplers ddim:100 dpm-solver++:20 --timed-steps $SS --modes $SAMPLE_FAST
 if [ "$dev" = cuda ]; then
   stage sample_small 40 "$py" benchmarks/sample_throughput.py --device cuda --batch-size $SMB \
       --samplers ddim:100 --timed-steps 50 --modes $SMALL_MODES
 fi
-stage eval 60 "$py" benchmarks/eval_throughput.py --device "$dev" --num-images $EI \
+stage eval 75 "$py" benchmarks/eval_throughput.py --device "$dev" --num-images $EI \
     --batch-size $EB --pr-size $PR
 
 stage train_compile 200 "$py" benchmarks/train_throughput.py --device "$dev" --batch-size $TB \

@@ -67,3 +67,19 @@ def test_eval_throughput_runs(bench, capsys):
                                  "--row-batch-size", "16", "--col-batch-size", "16"]) == 0
     out = capsys.readouterr().out
     assert "GFLOP per image" in out and "precision/recall" in out and "frechet" in out
+
+
+def test_profile_step_runs_and_sorts_kernels(bench, config_path, capsys):
+    import profile_step
+
+    profile_step.main(["--config", config_path, "--device", "cpu", "--batch-size", "2",
+                       "--sample-batch-size", "2", "--rows", "3"])
+    out = capsys.readouterr().out
+    assert "## training step" in out and "## sampling forward" in out
+    kinds = {name: profile_step.kernel_kind(name) for name in (
+        "sm90_xmma_fprop_implicit_gemm_bf16", "void cudnn::ops::nchwToNhwcKernel<float>",
+        "void at::native::RowwiseMomentsCUDAKernel<float>", "triton_poi_fused_add_silu_0",
+        "void at::native::vectorized_elementwise_kernel<4, bfloat16_copy_kernel_cuda>",
+        "void pytorch_flash::flash_fwd_kernel", "multi_tensor_apply_kernel<FusedAdam>")}
+    assert list(kinds.values()) == ["matmul/conv", "layout", "norm", "elementwise",
+                                    "copy/cast", "attention", "optimizer"]
