@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import randomize_, rel_error
 
 from ddpmkit.build import build_diffusion
 from ddpmkit.models import build_model
@@ -12,8 +13,8 @@ TINY_MODEL = {"in_channels": 3, "hid_channels": 32, "ch_multipliers": [1, 2],
 
 
 def tiny_unet(seed=0):
-    torch.manual_seed(seed)
-    return build_model(TINY_MODEL, 3).eval()
+    """A small UNet whose output is O(1) (see `randomize_`), so comparisons can fail."""
+    return randomize_(build_model(TINY_MODEL, 3), seed).eval()
 
 
 def test_channels_last_matches_contiguous():
@@ -68,7 +69,7 @@ def test_compiled_model_matches_eager():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast, eager = compiled(x, t), model(x, t)
         assert fast.dtype == eager.dtype
-        torch.testing.assert_close(fast.float(), eager.float(), rtol=3e-2, atol=3e-2)
+        assert rel_error(fast, eager) < 2e-2  # bf16 rounding differs between the two paths
 
 
 def test_compile_flag_values():
