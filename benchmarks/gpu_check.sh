@@ -34,7 +34,7 @@ else
   E2E_STEPS=150; GEN_N=1000
   TRAIN_FAST="fp32 bf16+fused"; TRAIN_COMPILE="bf16+fused bf16+fused+compile-ro"
   SAMPLE_FAST="fp32 bf16 bf16+graph overhead"; SMALL_MODES="fp32 bf16 bf16+graph"
-  SAMPLE_COMPILE="bf16 bf16+compile-ro"; E2E_EXTRA=(); GEN_EXTRA=(--cuda-graph)
+  SAMPLE_COMPILE="bf16 bf16+compile-ro bf16+compile-ro+freeze"; E2E_EXTRA=(); GEN_EXTRA=(--cuda-graph)
   TESTS=(tests/test_gpu.py tests/test_metrics_inception.py tests/test_generate_noise.py)
 fi
 
@@ -66,7 +66,7 @@ stage() {  # name, time limit in seconds, command...
 }
 
 # Most informative first: when BUDGET runs out, the stages at the end are the ones skipped.
-stage tests 100 "$py" -m pytest -q -p no:cacheprovider -m gpu "${TESTS[@]}"
+stage tests 150 "$py" -m pytest -q -p no:cacheprovider -m gpu "${TESTS[@]}"
 stage train 90 "$py" benchmarks/train_throughput.py --device "$dev" --batch-size $TB \
     --steps $TS --warmup 5 --modes $TRAIN_FAST
 stage train_compile 200 "$py" benchmarks/train_throughput.py --device "$dev" --batch-size $TB \
@@ -77,7 +77,7 @@ stage sample 75 "$py" benchmarks/sample_throughput.py --device "$dev" --batch-si
     --samplers ddim:100 dpm-solver++:20 --timed-steps $SS --modes $SAMPLE_FAST
 stage eval 75 "$py" benchmarks/eval_throughput.py --device "$dev" --num-images $EI \
     --batch-size $EB --pr-size $PR
-stage sample_compile 150 "$py" benchmarks/sample_throughput.py --device "$dev" --batch-size $SB \
+stage sample_compile 210 "$py" benchmarks/sample_throughput.py --device "$dev" --batch-size $SB \
     --samplers ddim:100 dpm-solver++:20 --timed-steps $SS --modes $SAMPLE_COMPILE
 if [ "$dev" = cuda ]; then
   stage sample_small 40 "$py" benchmarks/sample_throughput.py --device cuda --batch-size $SMB \

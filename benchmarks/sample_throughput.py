@@ -9,9 +9,10 @@ A sampler is `name` or `name:steps` (ddim and dpm-solver++; default --steps). A 
 `+`-joined options, built exactly as `ddpmkit generate` builds them: fp32 | bf16 (autocast
 network, float32 sampler), cl (channels_last), compile | compile-ro | compile-ma (torch.compile
 of the network in mode default | reduce-overhead | max-autotune-no-cudagraphs), graph
-(CUDA-graph replay of the network, `generate --cuda-graph`), and `overhead`: the network
-replaced by a zero output, which times what a step costs besides the network (sampler
-arithmetic, noise, table lookups).
+(CUDA-graph replay of the network, `generate --cuda-graph`), freeze | nofreeze (compile with
+or without the weights frozen in; `generate --compile` freezes on CPUs only), and `overhead`:
+the network replaced by a zero output, which times what a step costs besides the network
+(sampler arithmetic, noise, table lookups).
 Every mode runs in one process, and the speed-up column is against the first mode. On CUDA,
 "host ms" is the CPU time to issue one network call to an idle GPU (launch-bound when close to
 "ms/step").
@@ -51,7 +52,8 @@ from ddpmkit.diffusion.samplers import SAMPLERS, make_sampler  # noqa: E402
 from ddpmkit.generation import make_denoise_fn, sample_indexed  # noqa: E402
 from ddpmkit.models.loading import build_from_config, image_shape  # noqa: E402
 
-MODE_OPTIONS = {"fp32", "bf16", "cl", "graph", "overhead"} | set(COMPILE_OPTIONS)
+MODE_OPTIONS = ({"fp32", "bf16", "cl", "graph", "overhead", "freeze", "nofreeze"}
+                | set(COMPILE_OPTIONS))
 DEFAULT_CPU_MODES = ["fp32", "bf16"]
 DEFAULT_GPU_MODES = ["fp32", "bf16", "bf16+graph", "bf16+compile"]
 
@@ -65,7 +67,8 @@ def parse_mode(mode: str) -> dict:
     compile_modes = [COMPILE_OPTIONS[p] for p in parts if p in COMPILE_OPTIONS]
     return {"precision": "bf16" if "bf16" in parts else "fp32", "channels_last": "cl" in parts,
             "compile": compile_modes[0] if compile_modes else None, "graph": "graph" in parts,
-            "overhead": "overhead" in parts}
+            "overhead": "overhead" in parts,
+            "freeze": True if "freeze" in parts else False if "nofreeze" in parts else None}
 
 
 def parse_sampler(spec: str, default_steps: int):
@@ -162,7 +165,8 @@ def main(argv=None) -> int:
         else:
             torch._dynamo.reset()
             denoise_fn = make_denoise_fn(model, opts["precision"], device, opts["channels_last"],
-                                         opts["compile"], cuda_graph=opts["graph"])
+                                         opts["compile"], cuda_graph=opts["graph"],
+                                         freeze=opts["freeze"])
         peak = peak_flops(device, opts["precision"])
         x = torch.zeros(args.batch_size, *shape, device=device)
         t = torch.full((args.batch_size,), diffusion.T - 1, device=device)

@@ -55,6 +55,9 @@ def test_benchmark_mode_errors(bench):
         train_throughput.parse_mode("bf16+turbo")
     assert train_throughput.parse_mode("bf16+fused+compile-ro")["compile"] == "reduce-overhead"
     assert sample_throughput.parse_mode("bf16+compile")["compile"] == "default"
+    assert sample_throughput.parse_mode("bf16+compile")["freeze"] is None  # generate's default
+    assert sample_throughput.parse_mode("bf16+compile+freeze")["freeze"] is True
+    assert sample_throughput.parse_mode("bf16+compile+nofreeze")["freeze"] is False
     with pytest.raises(SystemExit, match="CUDA graphs"):
         sample_throughput.main(["--device", "cpu", "--modes", "bf16+graph"])
 

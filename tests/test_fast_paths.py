@@ -72,6 +72,36 @@ def test_compiled_model_matches_eager():
         assert rel_error(fast, eager) < 2e-2  # bf16 rounding differs between the two paths
 
 
+@pytest.mark.slow
+def test_generation_compile_freezes_weights_on_cpu_and_matches_eager():
+    """`generate --compile` on a CPU freezes the weights into the compiled network (faster:
+    weight casts folded, convolution weights prepacked). Under bf16 the folded casts are copies
+    made at compile time, so a frozen network ignores later changes to the weights: that is how
+    this test sees that freezing is really on."""
+    if not _compile_works():
+        pytest.skip("torch.compile does not work on this machine")
+    from ddpmkit.generation import make_denoise_fn
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([2, 7])
+    outputs = {}
+    for precision, freeze, tol in (("fp32", None, 1e-4), ("bf16", None, 2e-2),
+                                   ("bf16", False, 2e-2)):
+        torch._dynamo.reset()
+        model = tiny_unet()
+        eager = make_denoise_fn(model, "fp32", "cpu")
+        compiled = make_denoise_fn(model, precision, "cpu", compile_model=True, freeze=freeze)
+        with torch.no_grad():
+            before = eager(x, t)
+            assert rel_error(compiled(x, t), before) < tol
+            for p in model.parameters():
+                p.mul_(0.5)
+            assert rel_error(eager(x, t), before) > 0.1
+            outputs[precision, freeze] = rel_error(compiled(x, t), before)
+    assert outputs["bf16", None] < 2e-2  # frozen: still the weights it was compiled with
+    assert outputs["bf16", False] > 0.1  # not frozen: follows the weights
+
+
 def test_compile_flag_values():
     from ddpmkit.devices import COMPILE_MODES, compile_mode, compile_module
     from ddpmkit.errors import UserError

@@ -76,6 +76,20 @@ def test_compile_and_channels_last_match_eager(strict_fp32):
     assert rel_error(fast_bf16, eager) < 3e-2 and rel_error(eager_bf16, eager) < 3e-2
 
 
+def test_frozen_compiled_denoiser_matches_eager(strict_fp32):
+    from ddpmkit.generation import make_denoise_fn
+
+    model = unet().eval()
+    x, t = batch(), torch.arange(16).cuda() * 60
+    with torch.no_grad():
+        for precision, tol in (("fp32", 5e-3), ("bf16", 3e-2)):
+            torch._dynamo.reset()
+            eager = make_denoise_fn(model, "fp32", "cuda")(x, t)
+            frozen = make_denoise_fn(model, precision, "cuda", compile_model=True, freeze=True)
+            assert rel_error(frozen(x, t), eager) < tol
+            assert rel_error(frozen(x * 0.5, t.flip(0)), eager) > 0.1  # new inputs, new output
+
+
 def test_nccl_ddp_one_process_matches_plain_step():
     import torch.distributed as dist
 
