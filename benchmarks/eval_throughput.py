@@ -4,15 +4,17 @@
     python benchmarks/eval_throughput.py --device cuda --num-images 5000 --batch-size 250
 
 Inception runs with random weights unless --inception-weights gives the real file (timings do
-not depend on the values). On CUDA, the strict float32 default (NCHW) is compared with
-channels_last, cuDNN autotuning and TF32 (`ddpmkit eval --tf32`), each with the relative
-error of its features against the default's. Precision/recall
+not depend on the values). The strict float32 default (NCHW, eager) is compared with
+channels_last and, on CUDA, cuDNN autotuning and TF32 (`ddpmkit eval --tf32`); `--compile`
+adds `ddpmkit eval --compile`. Each row gives the relative error of its features against the
+default's. Precision/recall
 runs on random 2048-d features of --pr-size real and --pr-size generated points.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -46,7 +48,7 @@ def inception_images_per_s(model, device, num_images, batch_size, image_size) ->
     batch = torch.randint(0, 256, (batch_size, 3, image_size, image_size), generator=g,
                           dtype=torch.uint8)
     num_batches = max(1, num_images // batch_size)
-    extract_features(model, [batch])  # warm-up: allocator, cudnn algorithm choice
+    extract_features(model, [batch])  # warm-up: allocator, cuDNN algorithms, compilation
     synchronize(device)
     start = time.perf_counter()
     extract_features(model, [batch] * num_batches)
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--row-batch-size", type=int, default=10000)
     p.add_argument("--col-batch-size", type=int, default=10000)
     p.add_argument("--skip-fid", action="store_true", help="skip the 2048-d Frechet distance")
+    p.add_argument("--compile", action="store_true",
+                   help="also time `ddpmkit eval --compile` (compiling takes a minute or more)")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -89,26 +93,31 @@ def main(argv=None) -> int:
                                                  .manual_seed(0)), device)
     one = torch.zeros(1, 3, args.image_size, args.image_size, dtype=torch.uint8)
     flops = count_flops(lambda: extract_features(model, [one]))  # resize + network, per image
-    # (label, memory format, cuDNN autotuning, TF32). The default, and the reference
-    # implementations' arithmetic, is the first: NCHW, strict float32.
-    variants = [("fp32", torch.contiguous_format, False, False)]
+    # (label, memory format, cuDNN autotuning, TF32, compiled). The default, and the reference
+    # implementations' arithmetic, is the first: NCHW, strict float32, eager.
+    variants = [("fp32", torch.contiguous_format, False, False, False),
+                ("fp32 channels_last", torch.channels_last, False, False, False)]
     if device.type == "cuda":
-        variants += [("fp32 channels_last", torch.channels_last, False, False),
-                     ("fp32 + cudnn autotune", torch.contiguous_format, True, False),
-                     ("tf32 (--tf32: autotune + TF32)", torch.contiguous_format, True, True)]
+        variants += [("fp32 + cudnn autotune", torch.contiguous_format, True, False, False),
+                     ("tf32 (--tf32: autotune + TF32)", torch.contiguous_format, True, True,
+                      False)]
+    if args.compile:
+        variants.append(("fp32 + compile (--compile)", torch.contiguous_format, False, False,
+                         True))
     g = torch.Generator().manual_seed(1)
     probe = torch.randint(0, 256, (min(args.batch_size, 64), 3, args.image_size,
                                    args.image_size), generator=g, dtype=torch.uint8)
     strict_pool, width = None, max(len(v[0]) for v in variants)
-    for label, memory_format, autotune, tf32 in variants:
+    for label, memory_format, autotune, tf32, compiled in variants:
         model.set_memory_format(memory_format).set_tf32(tf32)
+        net = copy.deepcopy(model).compile_frozen() if compiled else model
         benchmark_before = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = autotune
         try:
             reset_peak_memory(device)
-            rate = inception_images_per_s(model, device, args.num_images, args.batch_size,
+            rate = inception_images_per_s(net, device, args.num_images, args.batch_size,
                                           args.image_size)
-            pool = extract_features(model, [probe]).pool
+            pool = extract_features(net, [probe]).pool
         finally:
             torch.backends.cudnn.benchmark = benchmark_before
         if strict_pool is None:

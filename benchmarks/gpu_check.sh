@@ -75,8 +75,8 @@ stage profile 60 "$py" benchmarks/profile_step.py --device "$dev" --batch-size $
     --sample-batch-size $SB --mode bf16
 stage sample 75 "$py" benchmarks/sample_throughput.py --device "$dev" --batch-size $SB \
     --samplers ddim:100 dpm-solver++:20 --timed-steps $SS --modes $SAMPLE_FAST
-stage eval 75 "$py" benchmarks/eval_throughput.py --device "$dev" --num-images $EI \
-    --batch-size $EB --pr-size $PR
+stage eval 150 "$py" benchmarks/eval_throughput.py --device "$dev" --num-images $EI \
+    --batch-size $EB --pr-size $PR --compile
 stage sample_compile 210 "$py" benchmarks/sample_throughput.py --device "$dev" --batch-size $SB \
     --samplers ddim:100 dpm-solver++:20 --timed-steps $SS --modes $SAMPLE_COMPILE
 if [ "$dev" = cuda ]; then

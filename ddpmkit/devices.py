@@ -1,5 +1,7 @@
 """Device selection shared by every command."""
 
+import contextlib
+
 import torch
 
 from ddpmkit.errors import UserError
@@ -54,3 +56,17 @@ def compile_module(module, mode: "str | None"):
     if mode is None:
         return module
     return torch.compile(module, mode=None if mode == "default" else mode)
+
+
+def inductor_freezing(enabled: bool):
+    """A context in which torch.compile's inductor freezes weights into what it compiles:
+    they become constants, so autocast's weight casts and BatchNorm are folded into them and,
+    on CPUs, convolution weights are prepacked for oneDNN. Inductor reads the setting when it
+    compiles, which happens inside a call (again for each new input shape), and torch.compile's
+    own `options` do not reach it, so the calls of a frozen network run inside this context.
+    For networks whose weights no longer change, called without gradients."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch._inductor import config as inductor_config
+
+    return inductor_config.patch(freezing=True)

@@ -16,7 +16,6 @@ Symbols: `B` batch, `*S` the sample shape (C, H, W) for images; a stream is 0 fo
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from ddpmkit.devices import compile_mode, compile_module
+from ddpmkit.devices import compile_mode, compile_module, inductor_freezing
 from ddpmkit.diffusion.samplers import NoiseFn, StepInfo, sample
 from ddpmkit.errors import UserError
 from ddpmkit.training.distributed import DistInfo, env_dist_info
@@ -170,10 +169,8 @@ def make_denoise_fn(model: torch.nn.Module, precision: str, device, channels_las
         if channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         # No weight-cast cache: each weight is used once per call, and a cache would hold
-        # tensors across CUDA-graph captures. Inductor reads `freezing` when it compiles,
-        # which happens inside a call (again for each new input shape); torch.compile's
-        # per-call options do not reach that setting, hence the patch around the call.
-        with _freezing(freezing), torch.autocast(device.type, dtype=torch.bfloat16,
+        # tensors across CUDA-graph captures.
+        with inductor_freezing(freezing), torch.autocast(device.type, dtype=torch.bfloat16,
                                                  enabled=autocast, cache_enabled=False):
             return net(x_t, t).float()
 
@@ -182,14 +179,6 @@ def make_denoise_fn(model: torch.nn.Module, precision: str, device, channels_las
 
         return CUDAGraphDenoiser(denoise)
     return denoise
-
-
-def _freezing(enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    from torch._inductor import config as inductor_config
-
-    return inductor_config.patch(freezing=True)
 
 
 # ---- processes ---------------------------------------------------------------------------

@@ -158,6 +158,22 @@ def _last_record(tmp_path):
     return json.loads((tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+def test_compile_flag_compiles_inception(tmp_path, accept_random_weights, capsys,
+                                         monkeypatch):
+    from ddpmkit.metrics.inception import FIDInceptionV3
+
+    compiled = []
+    # the real compile is exercised in test_metrics_inception (slow); here only the wiring
+    monkeypatch.setattr(FIDInceptionV3, "compile_frozen",
+                        lambda self: compiled.append(self) or self)
+    _write_pngs(tmp_path / "eval" / "s", _arrays(3, 8, 4))
+    argv = ["--eval-dir", str(tmp_path / "eval"), "--folder-name", "s", "--metrics", "fid",
+            "--ref-folder", str(tmp_path / "eval" / "s"), *_common(accept_random_weights)]
+    assert cli_eval.main(argv) == 0 and not compiled
+    assert cli_eval.main([*argv, "--compile"]) == 0 and len(compiled) == 1
+    assert "FID:" in capsys.readouterr().out
+
+
 def test_eval_against_a_dataset_caches_its_statistics(tmp_path, accept_random_weights,
                                                       fake_dataset_module):
     argv = _dataset_argv(tmp_path, accept_random_weights)

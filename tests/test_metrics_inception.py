@@ -204,6 +204,17 @@ def test_tf32_is_cuda_only_and_changes_the_identity(random_model):
                                   extract_features(random_model, [images]).pool)
 
 
+@pytest.mark.slow
+def test_compiled_frozen_features_match_eager(random_model):
+    images = _images(3, 24, 24)
+    eager = extract_features(random_model, [images])
+    model = copy.deepcopy(random_model).compile_frozen()
+    assert model.compiled and model.identity == random_model.identity
+    fast = extract_features(model, [images[:2], images[2:]])  # a second shape recompiles
+    for a, b in ((fast.pool, eager.pool), (fast.logits_unbiased, eager.logits_unbiased)):
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5  # float32 rounding: ~3e-7
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tf32_features_are_close_to_strict(random_model):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpmkit.devices import inductor_freezing
 from ddpmkit.errors import UserError
 from ddpmkit.metrics.weights import WeightsFile, resolve_inception_weights
 
@@ -280,6 +281,7 @@ class FIDInceptionV3(nn.Module):
         self.identity = f"{EXTRACTOR_NAME}/random-init"
         # Strict float32 by default, as the reference implementations compute; `set_tf32`.
         self.tf32 = False
+        self.compiled = False  # `compile_frozen`
         # NCHW: bit-identical features to the reference implementations on the CPU, and faster
         # than NHWC in fp32 on an H100 too. `set_memory_format` switches weights and activations.
         self.memory_format = torch.contiguous_format
@@ -303,6 +305,18 @@ class FIDInceptionV3(nn.Module):
             raise UserError("TF32 exists only on CUDA GPUs (Ampere and newer); drop --tf32 "
                             "or run Inception on a GPU")
         self.tf32 = bool(enabled)
+        return self
+
+    def compile_frozen(self) -> FIDInceptionV3:
+        """torch.compile this network in place, its weights frozen in when `extract_features`
+        runs it: BatchNorm folds into the convolutions and, on CPUs, convolution weights are
+        prepacked for oneDNN (2.3x on a 2-core CPU). Features move by float32 rounding only
+        (about 3e-7 relative), not the bit-identical features of the eager network on a CPU,
+        so the identity is unchanged. Call it after loading the weights and moving to the
+        device; the first batch (and each new batch size) compiles, which takes a minute.
+        """
+        self.compile()
+        self.compiled = True
         return self
 
     def set_memory_format(self, memory_format: torch.memory_format) -> FIDInceptionV3:
@@ -395,15 +409,17 @@ def load_fid_inception(
     cache_dir: str | None = None,
     download: bool = True,
     tf32: bool = False,
+    compile: bool = False,
 ) -> FIDInceptionV3:
     """The FID Inception with verified weights, in eval mode, without gradients, on `device`
-    (`tf32`: see `FIDInceptionV3.set_tf32`)."""
+    (`tf32`: see `FIDInceptionV3.set_tf32`; `compile`: `FIDInceptionV3.compile_frozen`)."""
     path, sha256 = resolve_inception_weights(weights_path, spec=spec, cache_dir=cache_dir,
                                              download=download)
     model = FIDInceptionV3()
     load_inception_state_dict(model, path)
     model.identity = extractor_identity(sha256)
-    return prepare_model(model, device).set_tf32(tf32)
+    model = prepare_model(model, device).set_tf32(tf32)
+    return model.compile_frozen() if compile else model
 
 
 def prepare_model(model: FIDInceptionV3, device: str | torch.device,
@@ -490,7 +506,8 @@ def extract_features(
     """Run `model` over uint8 image batches (B, 3 or 1, H, W); features stay on the CPU.
 
     The model's device is used; TF32 is off throughout unless the model's `set_tf32` turned it
-    on. `total` (number of batches) only sizes the progress bar.
+    on, and a model made with `compile_frozen` runs compiled. `total` (number of batches) only
+    sizes the progress bar.
     """
     device = next(model.parameters()).device
     pools: list[np.ndarray] = []
@@ -499,7 +516,7 @@ def extract_features(
         from tqdm import tqdm
         batches = tqdm(batches, total=total, desc="Inception features", unit="batch")
     arithmetic = tf32_enabled() if model.tf32 else tf32_disabled()
-    with arithmetic, torch.inference_mode():
+    with arithmetic, inductor_freezing(model.compiled), torch.inference_mode():
         for images in batches:
             out = model(images.to(device, non_blocking=True))
             pools.append(out.pool.float().cpu().numpy())
