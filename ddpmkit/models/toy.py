@@ -118,5 +118,7 @@ class ToyMLP(nn.Module):
         temb = self.temb(timestep_embedding(t_unique, self.mid_features).to(x_t.dtype))  # (U, F)
         h = self.in_fc(self.embed_input(x_t))
         for layer in self.layers:
-            h = layer(h, layer.temb_proj(temb)[inverse])
+            # index_select, not `[inverse]`: on CPUs the backward of advanced indexing (a
+            # sorting index_put) took 0.4 ms per layer at batch 1000, index_select's 0.04 ms.
+            h = layer(h, torch.index_select(layer.temb_proj(temb), 0, inverse))
         return self.out_fc(self.out_norm(h))
