@@ -437,53 +437,45 @@ def prepare_model(model: FIDInceptionV3, device: str | torch.device,
 # --------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def tf32_enabled() -> Iterator[None]:
-    """TF32 matmuls and convolutions, and cuDNN autotuning, on CUDA inside the block (restored
-    afterwards)."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved_benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
-            saved = (matmul.fp32_precision, conv.fp32_precision)
-            matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
-            try:
-                yield
-            finally:
-                matmul.fp32_precision, conv.fp32_precision = saved
-        else:  # older torch
-            saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-            try:
-                yield
-            finally:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-    finally:
-        torch.backends.cudnn.benchmark = saved_benchmark
-
-
-@contextlib.contextmanager
-def tf32_disabled() -> Iterator[None]:
-    """Full float32 matmuls and convolutions on CUDA inside the block (restored afterwards).
-
-    TF32 keeps 10 mantissa bits; Inception features and the distance matrices would then differ
-    from the float32 reference implementations by far more than their own rounding.
-    """
+def _fp32_matmul_precision(tf32: bool) -> Iterator[None]:
+    """CUDA float32 matmuls and convolutions in TF32 or full precision inside the block."""
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
         saved = (matmul.fp32_precision, conv.fp32_precision)
-        matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+        matmul.fp32_precision = conv.fp32_precision = "tf32" if tf32 else "ieee"
         try:
             yield
         finally:
             matmul.fp32_precision, conv.fp32_precision = saved
     else:  # older torch
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         try:
             yield
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def tf32_enabled() -> Iterator[None]:
+    """TF32 matmuls and convolutions, and cuDNN autotuning, on CUDA inside the block (restored
+    afterwards)."""
+    saved_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        with _fp32_matmul_precision(tf32=True):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = saved_benchmark
+
+
+def tf32_disabled() -> contextlib.AbstractContextManager:
+    """Full float32 matmuls and convolutions on CUDA inside the block (restored afterwards).
+
+    TF32 keeps 10 mantissa bits; Inception features and the distance matrices would then differ
+    from the float32 reference implementations by far more than their own rounding.
+    """
+    return _fp32_matmul_precision(tf32=False)
 
 
 class InceptionFeatures(NamedTuple):
