@@ -25,6 +25,22 @@ COMPILE_OPTIONS = {"compile": "default", "compile-ro": "reduce-overhead",
                    "compile-ma": "max-autotune-no-cudagraphs"}
 
 
+def setup_run(threads: Optional[int], device_spec: str, config: str):
+    """What every UNet benchmark does first: CPU threads, the device (cuDNN autotuning on
+    CUDA, as `ddpmkit train` and `generate` do) and the config (a shipped name or a JSON path).
+    Returns (device, config path, config dict)."""
+    from ddpmkit.config import find_config_file, load_json
+    from ddpmkit.devices import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(device_spec)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    path = config if config.endswith(".json") else find_config_file(config)
+    return device, path, load_json(path)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

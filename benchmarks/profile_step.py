@@ -20,10 +20,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import setup_run  # noqa: E402
 from train_throughput import make_trainer, parse_mode  # noqa: E402
 
-from ddpmkit.config import find_config_file, load_json  # noqa: E402
-from ddpmkit.devices import resolve_device  # noqa: E402
 from ddpmkit.generation import make_denoise_fn  # noqa: E402
 
 # Kernel-name patterns, first match wins (cuDNN, cuBLAS/CUTLASS and ATen naming).
@@ -84,13 +83,7 @@ def main(argv=None):
     p.add_argument("--cpu-ops", action="store_true",
                    help="on CUDA, record the CPU-side operators too (slower to tabulate)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    path = args.config if args.config.endswith(".json") else find_config_file(args.config)
-    config = load_json(path)
+    device, _, config = setup_run(args.threads, args.device, args.config)
     opts = parse_mode(args.mode)
     if device.type == "cuda":
         activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.cpu_ops else [])

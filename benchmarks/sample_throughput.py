@@ -43,11 +43,10 @@ from common import (  # noqa: E402
     peak_flops,
     peak_memory_mb,
     reset_peak_memory,
+    setup_run,
     synchronize,
 )
 
-from ddpmkit.config import find_config_file, load_json  # noqa: E402
-from ddpmkit.devices import resolve_device  # noqa: E402
 from ddpmkit.diffusion.samplers import SAMPLERS, make_sampler  # noqa: E402
 from ddpmkit.generation import make_denoise_fn, sample_indexed  # noqa: E402
 from ddpmkit.models.loading import build_from_config, image_shape  # noqa: E402
@@ -125,11 +124,7 @@ def time_sampler(diffusion, denoise_fn, name, steps, batch_size, shape, device, 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as `ddpmkit generate` does
+    device, path, config = setup_run(args.threads, args.device, args.config)
     if args.precision:
         modes = [p + ("+cl" if args.channels_last else "") for p in args.precision]
     else:
@@ -139,8 +134,6 @@ def main(argv=None) -> int:
         if parse_mode(mode)["graph"] and device.type != "cuda":
             raise SystemExit(f"mode {mode!r}: CUDA graphs need --device cuda")
 
-    path = args.config if args.config.endswith(".json") else find_config_file(args.config)
-    config = load_json(path)
     torch.manual_seed(0)
     model, diffusion = build_from_config(config)
     model = model.to(device).eval()

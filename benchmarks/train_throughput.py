@@ -32,12 +32,12 @@ from common import (  # noqa: E402
     peak_flops,
     peak_memory_mb,
     reset_peak_memory,
+    setup_run,
     time_calls,
 )
 
 from ddpmkit.build import build_diffusion  # noqa: E402
-from ddpmkit.config import find_config_file, load_json  # noqa: E402
-from ddpmkit.devices import compile_module, resolve_device  # noqa: E402
+from ddpmkit.devices import compile_module  # noqa: E402
 from ddpmkit.models import build_model  # noqa: E402
 from ddpmkit.training.images import ImageTrainer  # noqa: E402
 
@@ -88,14 +88,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 gives stable numbers on a shared machine)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as `ddpmkit train` does
-    path = args.config if args.config.endswith(".json") else find_config_file(args.config)
-    config = load_json(path)
+    device, path, config = setup_run(args.threads, args.device, args.config)
     modes = args.modes or (DEFAULT_GPU_MODES if device.type == "cuda" else DEFAULT_CPU_MODES)
     print(f"# training step, config {os.path.basename(path)}, batch {args.batch_size}, "
           f"{device_name(device)}, torch {torch.__version__}")
