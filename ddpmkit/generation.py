@@ -170,8 +170,8 @@ def make_denoise_fn(model: torch.nn.Module, precision: str, device, channels_las
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         # No weight-cast cache: each weight is used once per call, and a cache would hold
         # tensors across CUDA-graph captures.
-        with inductor_freezing(freezing), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                 enabled=autocast, cache_enabled=False):
+        with inductor_freezing(freezing), torch.autocast(
+                device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
             return net(x_t, t).float()
 
     if cuda_graph:

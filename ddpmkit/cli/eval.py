@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "numbers are not comparable with published ones (reference statistics "
                         "are cached separately)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile Inception with its weights frozen in (2.3x on a CPU; "
+                   help="torch.compile Inception with its weights frozen in (2.4x on a CPU; "
                         "features move by float32 rounding only; compiling takes a minute)")
     g = p.add_argument_group("bits/dim (--metrics bpd): the variational bound of a checkpoint")
     g.add_argument("--chkpt-path", default=None, help="model checkpoint (ours or the "

@@ -310,7 +310,7 @@ class FIDInceptionV3(nn.Module):
     def compile_frozen(self) -> FIDInceptionV3:
         """torch.compile this network in place, its weights frozen in when `extract_features`
         runs it: BatchNorm folds into the convolutions and, on CPUs, convolution weights are
-        prepacked for oneDNN (2.3x on a 2-core CPU). Features move by float32 rounding only
+        prepacked for oneDNN (2.4x on a 2-core CPU). Features move by float32 rounding only
         (about 3e-7 relative), not the bit-identical features of the eager network on a CPU,
         so the identity is unchanged. Call it after loading the weights and moving to the
         device; the first batch (and each new batch size) compiles, which takes a minute.
