@@ -7,8 +7,8 @@ Inception runs with random weights unless --inception-weights gives the real fil
 not depend on the values). The strict float32 default (NCHW, eager) is compared with
 channels_last and, on CUDA, cuDNN autotuning and TF32 (`ddpmkit eval --tf32`); `--compile`
 adds `ddpmkit eval --compile`. Each row gives the relative error of its features against the
-default's. Precision/recall
-runs on random 2048-d features of --pr-size real and --pr-size generated points.
+default's. Precision/recall runs on random 2048-d features of --pr-size real and --pr-size
+generated points.
 """
 
 from __future__ import annotations

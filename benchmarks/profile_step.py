@@ -6,8 +6,8 @@ and kernels by device time (torch.profiler), for the CIFAR-10 UNet.
 
 Modes as in train_throughput.py (fp32 | bf16, cl). On CUDA only kernels are recorded (fast to
 tabulate; --cpu-ops adds the operators) and a summary groups their time into matmul/conv, norm,
-elementwise, reduction, attention, optimizer, layout-conversion and copy kernels; on the CPU the table lists
-operators by self CPU time.
+elementwise, reduction, attention, optimizer, layout-conversion and copy kernels; on the CPU
+the table lists operators by self CPU time.
 """
 
 import argparse
