@@ -244,7 +244,9 @@ def test_ddim_in_float32_matches_ddim_scheduler():
     x_T = _x_T((3, 5), dtype=torch.float32)
     x_0 = sample(ours, fn, sampler, x_T, clip_denoised=False)
     expected = _ddim_chain_diffusers(theirs, fn, x_T, sampler.timesteps, 0.0, [None] * S, False)
-    torch.testing.assert_close(x_0, expected, rtol=0, atol=1e-4)
+    # Outputs reach a few hundred (the stand-in network is not a denoiser), where one float32
+    # ulp is 3e-5: compare relatively, at a few ulps per step (measured up to 4.7e-7).
+    torch.testing.assert_close(x_0, expected, rtol=2e-6, atol=1e-6)
 
 
 # ---- DPM-Solver++(2M) ---------------------------------------------------------------------------

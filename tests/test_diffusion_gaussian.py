@@ -335,7 +335,11 @@ def test_kl_loss_is_the_variational_bound_term(betas, mean_type, var_type, decod
     x_t = ref.q_sample(x_0, t, noise)
     out = fn(_t(x_t), _t(t)).numpy()
     expected = ref_vb_bits(ref, mean_type, var_type, decoder, out, x_0, x_t, t, clip=False)
-    _assert_close(loss, expected, 1e-9)
+    # The discretized decoder takes the log of a bin probability that can be ~1e-12, a
+    # difference of tanh values near 1: one ulp of tanh (torch's vectorized one against
+    # numpy's, which differ by CPU) moves it by up to ~1e-9 relative (measured 8.6e-10).
+    rtol = 1e-8 if decoder == "discretized" else 0.0
+    _assert_close(loss, expected, 1e-9, rtol=rtol)
 
 
 def test_normal_kl_closed_form_and_torch_distributions():
