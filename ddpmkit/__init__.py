@@ -1,23 +1,20 @@
 """ddpmkit: train, sample and evaluate denoising diffusion models (DDPM, DDIM, DPM-Solver++).
 
-The diffusion math is imported eagerly; networks, data and metrics load on first use so that
-`import ddpmkit` stays light.
+Every public name loads on first use (PEP 562), so `import ddpmkit` and the `ddpmkit` command's
+`--help` stay fast and never import torch until something needs it.
 """
 
 import importlib
 
-from ddpmkit.diffusion import (
-    GaussianDiffusion,
-    ddim_timesteps,
-    get_beta_schedule,
-    make_sampler,
-    sample,
-)
-
 __version__ = "0.1.0"
 
-# public name -> module that defines it (loaded lazily, PEP 562)
+# public name -> module that defines it
 _LAZY = {
+    "GaussianDiffusion": "ddpmkit.diffusion",
+    "get_beta_schedule": "ddpmkit.diffusion",
+    "ddim_timesteps": "ddpmkit.diffusion",
+    "make_sampler": "ddpmkit.diffusion",
+    "sample": "ddpmkit.diffusion",
     "UNet": "ddpmkit.models.unet",
     "ToyMLP": "ddpmkit.models.toy",
 }
@@ -29,5 +26,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'ddpmkit' has no attribute {name!r}")
 
 
-__all__ = ["GaussianDiffusion", "get_beta_schedule", "ddim_timesteps", "make_sampler", "sample",
-           *_LAZY]
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = list(_LAZY)

@@ -4,6 +4,7 @@ import contextlib
 
 import torch
 
+from ddpmkit.choices import COMPILE_MODES
 from ddpmkit.errors import UserError
 
 
@@ -34,9 +35,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-# torch.compile modes (`--compile MODE`). reduce-overhead adds CUDA graphs (fewer kernel
-# launches); the max-autotune modes also benchmark kernel choices, so they compile longer.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_mode(value) -> "str | None":

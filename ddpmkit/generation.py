@@ -266,16 +266,18 @@ class GenerateResult:
     written: int     # new files written by this process
     skipped: int     # this process's files that already existed
     seconds: float   # wall time of the sampling loop
+    stopped: bool = False  # `should_stop` ended it early (a rerun makes the rest)
 
 
 def generate_to_folder(diffusion, denoise_fn, sampler, shape: Sequence[int], folder: str,
                        total_size: int, batch_size: int, seed: int, device,
                        env: DistEnv | None = None, max_workers: int = 8,
-                       dtype: torch.dtype = torch.float32, progress: bool = False
-                       ) -> GenerateResult:
+                       dtype: torch.dtype = torch.float32, progress: bool = False,
+                       should_stop: Callable[[], bool] | None = None) -> GenerateResult:
     """Make this process's share of samples 0..total_size-1 as `folder/NNNNNN.png`, skipping
     files that already exist; PNGs are encoded and written by `max_workers` threads (0: inline)
-    while the next batch samples."""
+    while the next batch samples. `should_stop()` is asked after each batch: true ends the run
+    once that batch's files are written."""
     env = env or DistEnv()
     if total_size < 1 or batch_size < 1:
         raise UserError("total size and batch size must be at least 1")
@@ -298,8 +300,12 @@ def generate_to_folder(diffusion, denoise_fn, sampler, shape: Sequence[int], fol
     start = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers) if max_workers > 0 else None
     pending: deque = deque()
+    stopped = False
     try:
         for first in range(0, len(todo), batch_size):
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
             batch = todo[first:first + batch_size]
             x = sample_indexed(diffusion, denoise_fn, sampler, batch, shape, seed, device, dtype)
             images = to_uint8(x)
@@ -321,7 +327,8 @@ def generate_to_folder(diffusion, denoise_fn, sampler, shape: Sequence[int], fol
             pool.shutdown(wait=True)
         if bar is not None:
             bar.close()
-    return GenerateResult(len(todo), skipped, time.perf_counter() - start)
+    written = len(todo) if not stopped else min(first, len(todo))
+    return GenerateResult(written, skipped, time.perf_counter() - start, stopped)
 
 
 def _write(path: str, image) -> None:

@@ -15,7 +15,13 @@ import torch
 from ddpmkit.config import deep_update, find_config_file, parse_with_explicit
 from ddpmkit.devices import resolve_device
 from ddpmkit.errors import UserError
-from ddpmkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ddpmkit.training.checkpoint import (
+    CheckpointFiles,
+    load_checkpoint,
+    newest_checkpoint,
+    newest_file,
+    save_checkpoint,
+)
 
 
 def _parser():
@@ -71,13 +77,41 @@ def test_checkpoint_round_trip_and_format_version(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["model_3.pt"]  # no temp file left
 
 
-def test_latest_checkpoint_is_the_newest_file(tmp_path):
-    for i, n in enumerate((9, 10, 2)):
-        save_checkpoint({"step": n}, str(tmp_path / f"run_{n}.pt"))
-        os.utime(tmp_path / f"run_{n}.pt", (1000 + i, 1000 + i))
+def test_newest_checkpoint_is_the_highest_step_not_the_newest_file(tmp_path):
+    files = CheckpointFiles(str(tmp_path), "run")
+    for i, (name, step) in enumerate((("run_9.pt", 90), ("run_step95.pt", 95), ("run_2.pt", 20))):
+        save_checkpoint({"step": step}, str(tmp_path / name))
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))  # run_2.pt is the newest file
     (tmp_path / ".run_11.pt.abc.tmp").write_bytes(b"half")  # an interrupted write
-    assert os.path.basename(latest_checkpoint(str(tmp_path))) == "run_2.pt"
-    assert latest_checkpoint(str(tmp_path / "empty")) is None
+    (tmp_path / "other_99.pt").write_bytes(b"another run")
+    assert [os.path.basename(p) for p in files.all()] == ["run_2.pt", "run_9.pt", "run_step95.pt"]
+    point = newest_checkpoint(files.all())
+    assert os.path.basename(point.path) == "run_step95.pt" and point.state["step"] == 95
+    assert newest_file(files.all()) == point.path
+    assert newest_checkpoint(CheckpointFiles(str(tmp_path / "empty"), "run").all()) is None
+    assert [os.path.basename(p) for p in files.stale_temp_files()] == [".run_11.pt.abc.tmp"]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
+    save_checkpoint({"step": 10}, str(tmp_path / "run_1.pt"))
+    save_checkpoint({"step": 20, "w": torch.zeros(1000)}, str(tmp_path / "run_step20.pt"))
+    data = (tmp_path / "run_step20.pt").read_bytes()
+    (tmp_path / "run_step20.pt").write_bytes(data[: len(data) // 2])  # truncated
+    point = newest_checkpoint(CheckpointFiles(str(tmp_path), "run").all())
+    assert point.state["step"] == 10
+    assert [os.path.basename(p) for p, _ in point.damaged] == ["run_step20.pt"]
+    (tmp_path / "run_1.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="no usable checkpoint"):  # never a silent restart
+        newest_checkpoint(CheckpointFiles(str(tmp_path), "run").all())
+
+
+def test_rolling_checkpoints_keep_the_last_two(tmp_path):
+    files = CheckpointFiles(str(tmp_path), "run")
+    for step in (5, 10, 15):
+        save_checkpoint({"step": step}, files.rolling(step))
+    save_checkpoint({"step": 12}, files.permanent(3))
+    assert [os.path.basename(p) for p in files.prune_rolling()] == ["run_step5.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["run_3.pt", "run_step10.pt", "run_step15.pt"]
 
 
 def test_corrupt_and_missing_checkpoints_are_user_errors(tmp_path):

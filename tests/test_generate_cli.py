@@ -182,10 +182,16 @@ def test_checkpoint_found_in_chkpt_dir(tmp_path):
     from ddpmkit.cli.generate import build_parser, checkpoint_path
 
     args = build_parser().parse_args(["--dataset", "mnist", "--chkpt-dir", str(tmp_path)])
-    for age, name in enumerate(("ddpm_cifar10_99.pt", "ddpm_mnist_10.pt", "ddpm_mnist_9.pt")):
-        (tmp_path / name).write_bytes(b"x")
-        os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
-    assert checkpoint_path(args) == str(tmp_path / "ddpm_mnist_10.pt")  # the newest
+    # the reference's files (no step inside) rank by the number in their name
+    for name in ("ddpm_cifar10_99.pt", "ddpm_mnist_10.pt", "ddpm_mnist_9.pt"):
+        save_checkpoint({"epoch": 1}, str(tmp_path / name))
+    assert checkpoint_path(args) == str(tmp_path / "ddpm_mnist_10.pt")
+    # ours rank by the step stored inside, above files without one, whatever their age
+    save_checkpoint({"step": 300}, str(tmp_path / "ddpm_mnist_step300.pt"))
+    save_checkpoint({"step": 200}, str(tmp_path / "ddpm_mnist_2.pt"))
+    (tmp_path / "ddpm_mnist_50.pt").write_bytes(b"damaged")  # skipped
+    os.utime(tmp_path / "ddpm_mnist_step300.pt", (1e9, 1e9))  # the oldest file
+    assert checkpoint_path(args) == str(tmp_path / "ddpm_mnist_step300.pt")
     (tmp_path / "ddpm_mnist.pt").write_bytes(b"x")  # the reference's fixed name wins
     assert checkpoint_path(args) == str(tmp_path / "ddpm_mnist.pt")
 

@@ -132,7 +132,7 @@ def test_checkpoint_from_another_config_is_refused(cifar_root, tmp_path, capsys)
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "6", "--num-accum", "4"], "divisible"),
     (["--root", "/nonexistent/data"], "not found"),
-    (["--lr", "-1"], "learning rate"),
+    (["--lr", "-1"], "--lr must be > 0"),
     (["--timesteps", "0"], "--timesteps must be >= 2"),
     (["--ema-decay", "1.5", "--use-ema"], "--ema-decay"),
 ])

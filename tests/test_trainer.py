@@ -24,7 +24,7 @@ def _setup(tmp_path, init_seed=0, **kwargs):
     data = TensorBatches(make_toy_data("gaussian8", 80, toy_generator(0)), 16, seed=5)
     options = dict(epochs=4, lr=1e-3, warmup_steps=3, lr_decay="cosine", grad_clip=1.0,
                    num_accum=2, ema_decay=0.9, seed=11, chkpt_dir=str(tmp_path),
-                   chkpt_name="c_{epoch}_{step}.pt", progress=False, log_every=2,
+                   chkpt_prefix="c", progress=False, log_every=2,
                    log_path=str(tmp_path / "log.jsonl"))
     options.update(kwargs)
     return Trainer(model, diffusion, data, **options)
@@ -164,7 +164,7 @@ def test_jsonl_log(tmp_path):
     t = _setup(tmp_path)
     t.fit(until_epoch=2)
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert [r["step"] for r in records] == [2, 4, 6]
+    assert [r["step"] for r in records] == [1, 2, 4, 6]  # the first update is always logged
     for r in records:
         assert {"step", "loss", "lr", "grad_norm", "samples_per_s", "epoch"} <= set(r)
         assert math.isfinite(r["loss"]) and r["samples_per_s"] > 0

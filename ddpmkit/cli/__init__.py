@@ -2,30 +2,57 @@
 
 Each subcommand module exposes `build_parser()` and `main(argv) -> int`; `main` here dispatches.
 `run_guarded` turns a `UserError` into a one-line message and exit status 2.
+
+Nothing here, and nothing a subcommand module imports at its top, loads torch: `--help` and flag
+errors answer at once, and torch is imported inside the functions that do the work.
 """
 
 import argparse
 import importlib
 import logging
+import re
 import sys
 from typing import Callable, List, Optional
 
-from ddpmkit.errors import UserError
+from ddpmkit.errors import UserError, user_message
 
-# subcommand name -> module under ddpmkit.cli
+# subcommand name -> (module under ddpmkit.cli, what it does)
 SUBCOMMANDS = {
-    "train-toy": "train_toy",
-    "train": "train",
-    "generate": "generate",
-    "eval": "eval",
+    "train-toy": ("train_toy", "train on 2-D toy data, with metrics and plots"),
+    "train": ("train", "train on images (one process, torchrun, or spawn)"),
+    "generate": ("generate", "write samples as PNGs, grids, animations"),
+    "eval": ("eval", "FID, precision/recall, KID, IS, bits/dim"),
 }
 
-USAGE = "usage: ddpmkit {" + ",".join(SUBCOMMANDS) + "} [flags]   (ddpmkit SUBCOMMAND --help)"
+USAGE = ("usage: ddpmkit {" + ",".join(SUBCOMMANDS) + "} [flags]\n\n"
+         + "\n".join(f"  {name:<10} {what}" for name, (_, what) in SUBCOMMANDS.items())
+         + "\n\n`ddpmkit COMMAND --help` lists a command's flags and their defaults.")
+
+# argparse reads "-1e-3" as an option, not a value: its test for negative numbers knows no
+# exponents. This one also accepts -1e-3, -2.5E+4, -.5e1.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default after its help text (flags without help text get one too)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text \
+                or not action.option_strings:
+            return text
+        return (text + " " if text else "") + "(default: %(default)s)"
 
 
 class CLIParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a one-line UserError (exit 2 via `run_guarded`), not usage
-    text and a SystemExit from deep inside the parser."""
+    text and a SystemExit from deep inside the parser; defaults are shown in --help; and
+    negative numbers in scientific notation are values (`--lr -1e-3`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message: str):
         raise UserError(f"{message} (see --help)")
@@ -34,7 +61,7 @@ class CLIParser(argparse.ArgumentParser):
 def add_speed_flags(group, what: str) -> None:
     """`--channels-last` and `--compile [MODE]`, shared by train and generate; `what` names the
     network in the help text."""
-    from ddpmkit.devices import COMPILE_MODES
+    from ddpmkit.choices import COMPILE_MODES
 
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels_last memory format (default: off; slower for this UNet "
@@ -42,29 +69,48 @@ def add_speed_flags(group, what: str) -> None:
     group.add_argument("--compile", nargs="?", const="default", default=None,
                        choices=COMPILE_MODES, metavar="MODE",
                        help=f"torch.compile the {what}; MODE: {', '.join(COMPILE_MODES)} "
-                            "(default: default)")
+                            "(MODE defaults to default)")
+
+
+def _interrupt_in_chain(exc: BaseException) -> Optional[KeyboardInterrupt]:
+    """The KeyboardInterrupt behind `exc`, if one caused it: Ctrl-C landing inside torch's C++
+    code can come back as a RuntimeError whose context is the interrupt."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def run_guarded(fn: Callable[[], Optional[int]]) -> int:
-    """Run a command body; a UserError (or Ctrl-C) becomes a one-line message, not a traceback."""
+    """Run a command body; a UserError or Ctrl-C becomes a one-line message and exit status 2
+    or 130, not a traceback. (Training and generation stop gracefully on the first SIGINT or
+    SIGTERM themselves: see `ddpmkit.training.preemption`.)"""
     try:
         code = fn()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if _interrupt_in_chain(exc) is None:
+            raise
         print("interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Plain `logging` to stderr; called by each command's entry point, never by library code."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Plain `logging` to stderr; called by each command's entry point, never by library code.
+    `quiet` (processes other than rank 0) shows warnings and errors only."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -76,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"error: unknown subcommand {name!r}\n{USAGE}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"ddpmkit.cli.{SUBCOMMANDS[name]}")
+    module = importlib.import_module(f"ddpmkit.cli.{SUBCOMMANDS[name][0]}")
     return module.main(rest)
 
 

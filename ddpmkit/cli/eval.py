@@ -16,7 +16,6 @@ import sys
 import time
 
 from ddpmkit.cli import CLIParser, run_guarded, setup_logging
-from ddpmkit.devices import resolve_device
 from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-total-size", type=int, default=50000,
                    help="evaluate at most this many samples (a fixed-seed random subset); also "
                         "the largest reference set used for precision/recall")
-    p.add_argument("--num-workers", type=int, default=4, help="image-loading processes")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="image-loading processes (default: up to 4, no more than the CPUs "
+                        "available)")
     p.add_argument("--nhood-size", type=int, default=3,
                    help="k of the k-nearest-neighbour balls of precision/recall")
     p.add_argument("--row-batch-size", type=int, default=10000,
@@ -106,6 +107,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.kid_subset_size < 2:
         raise UserError("--kid-subset-size must be >= 2")
+    if args.num_workers is None:
+        from ddpmkit.data.images import default_num_workers
+
+        args.num_workers = default_num_workers()
     if args.num_workers < 0:
         raise UserError("--num-workers must be >= 0")
     if args.sample_folder and args.folder_name:
@@ -134,6 +139,8 @@ def _check_counts(args: argparse.Namespace, metrics: list[str], num_samples: int
 
 def devices_of(args: argparse.Namespace):
     """(Inception device, distance/kernel device): --model-device / --eval-device, else --device."""
+    from ddpmkit.devices import resolve_device
+
     return (resolve_device(args.model_device or args.device),
             resolve_device(args.eval_device or args.device))
 

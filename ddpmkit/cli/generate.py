@@ -28,34 +28,19 @@ import time
 from datetime import timedelta
 from typing import Any
 
-import torch
-
+from ddpmkit.choices import IMAGE_DATASETS, PRECISIONS, SAMPLERS, SKIP_SCHEDULES
 from ddpmkit.cli import CLIParser, add_speed_flags, run_guarded, setup_logging
 from ddpmkit.config import find_config_file, load_json, parse_with_explicit
-from ddpmkit.devices import resolve_device
-from ddpmkit.diffusion.samplers import SAMPLERS, make_sampler
-from ddpmkit.diffusion.schedules import SKIP_SCHEDULES
-from ddpmkit.errors import UserError
-from ddpmkit.generation import (
-    NOISE_VERSION,
-    DistEnv,
-    check_manifest,
-    count_samples,
-    dist_env_from_environ,
-    existing_samples,
-    first_samples,
-    generate_to_folder,
-    make_denoise_fn,
-    sample_indexed,
-)
+from ddpmkit.errors import UserError, signal_name
+
+# torch and the sampling code are imported inside the functions that use them, so that
+# `--help` and flag errors need no torch.
 
 log = logging.getLogger(__name__)
 
-IMAGE_DATASETS = ("mnist", "cifar10", "celeba", "celebahq", "folder")
 DEFAULT_DATASET = "cifar10"
 # Steps when --steps / --subseq-size is not given (DDIM: the reference's --subseq-size default).
 DEFAULT_STEPS = {"ddim": 50, "dpm-solver++": 20}
-PRECISIONS = ("fp32", "bf16")
 ANIMATION_FORMATS = ("webp", "gif")
 # Frames kept in an animation at most (DDPM has 1000 steps; a few seconds of video is enough).
 MAX_ANIMATION_FRAMES = 100
@@ -151,9 +136,10 @@ def check_args(args: argparse.Namespace, typed: set[str]) -> None:
 
 
 def checkpoint_path(args: argparse.Namespace) -> str:
-    """--chkpt-path; else <chkpt-dir>/ddpm_<dataset>.pt (the reference's name), else the newest
-    <chkpt-dir>/ddpm_<dataset>_<N>.pt (what `ddpmkit train` writes every --chkpt-intv)."""
-    from ddpmkit.training.checkpoint import latest_checkpoint
+    """--chkpt-path; else <chkpt-dir>/ddpm_<dataset>.pt (the reference's name), else the
+    <chkpt-dir>/ddpm_<dataset>_*.pt holding the highest training step (what `ddpmkit train`
+    writes)."""
+    from ddpmkit.training.checkpoint import CheckpointFiles, newest_file
 
     if args.chkpt_path:
         path = os.path.expanduser(args.chkpt_path)
@@ -164,8 +150,7 @@ def checkpoint_path(args: argparse.Namespace) -> str:
     path = os.path.join(folder, f"ddpm_{args.dataset}.pt")
     if os.path.isfile(path):
         return path
-    latest = latest_checkpoint(folder, f"ddpm_{args.dataset}_*.pt") if os.path.isdir(folder) \
-        else None
+    latest = newest_file(CheckpointFiles(folder, f"ddpm_{args.dataset}").all())
     if latest is None:
         raise UserError(f"checkpoint {path!r} does not exist (nor ddpm_{args.dataset}_*.pt "
                         f"there); pass --chkpt-path FILE")
@@ -183,9 +168,13 @@ def fallback_config(args: argparse.Namespace, typed: set[str]) -> dict[str, Any]
     return load_json(path)
 
 
-def rank_device(spec: str, env: DistEnv) -> torch.device:
+def rank_device(spec: str, env) -> "torch.device":  # noqa: F821 (torch is imported inside)
     """One process: --device as given. Several: each takes cuda:LOCAL_RANK (any CUDA --device is
     read as "use the GPUs"), or CPU."""
+    import torch
+
+    from ddpmkit.devices import resolve_device
+
     if env.world_size == 1:
         return resolve_device(spec)
     spec = (spec or "auto").strip()
@@ -213,9 +202,21 @@ def output_paths(args: argparse.Namespace, dataset: str) -> dict[str, str]:
 
 
 # ---- one process -------------------------------------------------------------------------
-def run_process(args: argparse.Namespace, typed: set[str], env: DistEnv) -> dict[str, Any]:
-    """This process's share of the samples (and, on rank 0, the animation)."""
+def run_process(args: argparse.Namespace, typed: set[str], env,
+                should_stop=None) -> dict[str, Any]:
+    """This process's share of the samples (and, on rank 0, the animation); `should_stop()`
+    ends it after the current batch (a stop signal)."""
+    import torch
+
     from ddpmkit.build import build_diffusion
+    from ddpmkit.diffusion.samplers import make_sampler
+    from ddpmkit.generation import (
+        NOISE_VERSION,
+        check_manifest,
+        generate_to_folder,
+        make_denoise_fn,
+        sample_indexed,
+    )
     from ddpmkit.models.loading import checkpoint_config, image_shape, model_from_checkpoint_dict
     from ddpmkit.training.checkpoint import load_checkpoint
     from ddpmkit.utils.images import FrameRecorder, save_animation
@@ -270,7 +271,10 @@ def run_process(args: argparse.Namespace, typed: set[str], env: DistEnv) -> dict
     result = generate_to_folder(
         diffusion, denoise_fn, sampler, shape, paths["folder"], args.total_size,
         args.batch_size, args.seed, device, env, max_workers=args.max_workers,
-        progress=env.is_main and not args.no_progress)
+        progress=env.is_main and not args.no_progress, should_stop=should_stop)
+    if result.stopped:
+        return {"written": result.written, "skipped": result.skipped,
+                "seconds": result.seconds, "dataset": dataset, "stopped": True}
 
     if args.animate and env.is_main:
         count = min(args.animate_count, args.total_size)
@@ -281,13 +285,14 @@ def run_process(args: argparse.Namespace, typed: set[str], env: DistEnv) -> dict
         save_animation(paths["animation"], recorder.frames)
         log.info("wrote %s (%d frames)", paths["animation"], len(recorder.frames))
     return {"written": result.written, "skipped": result.skipped, "seconds": result.seconds,
-            "dataset": dataset}
+            "dataset": dataset, "stopped": False}
 
 
 def finish(args: argparse.Namespace, dataset: str, written: int, seconds: float) -> None:
     """After every process is done: the grid and a one-line summary (main process only)."""
     import numpy as np
 
+    from ddpmkit.generation import count_samples, existing_samples, first_samples
     from ddpmkit.utils.images import read_image_uint8, save_grid
 
     paths = output_paths(args, dataset)
@@ -309,57 +314,58 @@ def finish(args: argparse.Namespace, dataset: str, written: int, seconds: float)
 
 
 # ---- process layouts ---------------------------------------------------------------------
-def _spawned(index: int, args: argparse.Namespace, typed: set[str], world: int, queue) -> None:
-    """Body of one `--num-gpus` process; a UserError becomes one line and exit status 2."""
-    setup_logging()
-    if index != 0:
-        logging.getLogger().setLevel(logging.WARNING)
-    env = DistEnv(index, world, index)
+def _process(args: argparse.Namespace, typed: set[str], env) -> dict[str, Any]:
+    """This process's share, ended after the current batch by a SIGTERM or Ctrl-C (a second
+    Ctrl-C aborts at once; finished files are whole, and a rerun makes the rest)."""
+    from ddpmkit.training.preemption import StopFlag
+
+    with StopFlag(announce=env.is_main) as stop:
+        result = run_process(args, typed, env, should_stop=lambda: stop.signum is not None)
+    result["signum"] = stop.signum if result["stopped"] else None
+    return result
+
+
+def _spawned_share(args: argparse.Namespace, typed: set[str], world: int) -> dict[str, Any]:
+    """Body of one `--num-gpus` process (its RANK etc. are set by the spawn)."""
+    import torch
+
+    from ddpmkit.generation import dist_env_from_environ
+
+    env = dist_env_from_environ()
     if rank_device(args.device, env).type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    try:
-        queue.put(run_process(args, typed, env))
-    except UserError as exc:  # the parent reports it, once
-        queue.put({"error": str(exc)})
-        sys.exit(2)
+    return _process(args, typed, env)
 
 
-def _drain(queue) -> list[dict[str, Any]]:
-    items = []
-    while not queue.empty():
-        items.append(queue.get())
-    return items
+def _conclude(args: argparse.Namespace, dataset: str, written: int, seconds: float,
+              signum: int | None) -> int:
+    """The summary (main process): the grid and totals, or how to finish a stopped run."""
+    if signum:
+        from ddpmkit.generation import count_samples
+        from ddpmkit.training.preemption import exit_code
+
+        folder = output_paths(args, dataset)["folder"]
+        print(f"stopped by {signal_name(signum)}: {count_samples(folder, args.total_size)} of "
+              f"{args.total_size} samples in {folder}; run the same command again to finish")
+        return exit_code(signum)
+    finish(args, dataset, written, seconds)
+    return 0
 
 
-def _spawn(args: argparse.Namespace, typed: set[str]) -> None:
-    import torch.multiprocessing as mp
+def _spawn(args: argparse.Namespace, typed: set[str]) -> int:
+    from ddpmkit.training.distributed import check_spawn_devices, spawn
 
-    n = args.num_gpus
-    if args.device.strip() != "cpu":
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if available < n:
-            raise UserError(f"--num-gpus {n} needs {n} CUDA devices, found {available}; pass "
-                            f"--device cpu to run {n} CPU processes instead")
+    check_spawn_devices(args.num_gpus, args.device, "--device")
     checkpoint_path(args)  # fail here, once, rather than in every process
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
     start = time.perf_counter()
-    try:
-        mp.spawn(_spawned, args=(args, typed, n, queue), nprocs=n, join=True)
-    except mp.ProcessExitedException as exc:
-        reported = [r["error"] for r in _drain(queue) if "error" in r]
-        raise UserError(reported[0] if reported else
-                        f"generation process {exc.error_index} failed (exit code "
-                        f"{exc.exit_code})") from exc
-    except mp.ProcessRaisedException as exc:
-        raise UserError(f"a generation process crashed: "
-                        f"{str(exc).strip().splitlines()[-1]}") from exc
-    results = _drain(queue)
-    finish(args, results[0]["dataset"], sum(r["written"] for r in results),
-           time.perf_counter() - start)
+    results = spawn(_spawned_share, args.num_gpus, (args, typed, args.num_gpus))
+    signum = next((r["signum"] for r in results if r["signum"]), None)
+    return _conclude(args, results[0]["dataset"], sum(r["written"] for r in results),
+                     time.perf_counter() - start, signum)
 
 
-def _torchrun(args: argparse.Namespace, typed: set[str], env: DistEnv) -> None:
+def _torchrun(args: argparse.Namespace, typed: set[str], env) -> int:
+    import torch
     import torch.distributed as dist
 
     if args.num_gpus > 1:
@@ -370,11 +376,15 @@ def _torchrun(args: argparse.Namespace, typed: set[str], env: DistEnv) -> None:
     dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)  # only for the final barrier
     try:
         start = time.perf_counter()
-        result = run_process(args, typed, env)
-        written = torch.tensor([result["written"]], dtype=torch.long)
-        dist.all_reduce(written)  # also the barrier: every process has finished its share
+        result = _process(args, typed, env)
+        totals = torch.tensor([result["written"], result["signum"] or 0], dtype=torch.long)
+        # Also the barrier: every process has finished (or stopped) its share.
+        dist.all_reduce(totals[:1])
+        dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
         if env.is_main:
-            finish(args, result["dataset"], int(written), time.perf_counter() - start)
+            return _conclude(args, result["dataset"], int(totals[0]),
+                             time.perf_counter() - start, int(totals[1]) or None)
+        return 128 + int(totals[1]) if int(totals[1]) else 0  # 128 + signal, as exit_code
     finally:
         dist.destroy_process_group()
 
@@ -382,15 +392,16 @@ def _torchrun(args: argparse.Namespace, typed: set[str], env: DistEnv) -> None:
 def generate(argv: list[str] | None = None) -> int:
     args, typed = parse_with_explicit(build_parser(), argv)
     check_args(args, typed)
+    from ddpmkit.generation import dist_env_from_environ  # torch loads here
+
     env = dist_env_from_environ()
     if env.world_size > 1:
-        _torchrun(args, typed, env)
-    elif args.num_gpus > 1:
-        _spawn(args, typed)
-    else:
-        result = run_process(args, typed, env)
-        finish(args, result["dataset"], result["written"], result["seconds"])
-    return 0
+        return _torchrun(args, typed, env)
+    if args.num_gpus > 1:
+        return _spawn(args, typed)
+    result = _process(args, typed, env)
+    return _conclude(args, result["dataset"], result["written"], result["seconds"],
+                     result["signum"])
 
 
 def main(argv: list[str] | None = None) -> int:

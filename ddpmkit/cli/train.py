@@ -1,23 +1,39 @@
 """`ddpmkit train` (and `python train.py`): train a DDPM on images.
 
 Flags keep the reference project's names. Config precedence: built-in defaults < the dataset's
-JSON config (configs/<dataset>.json, or --config-path) < flags typed on the command line.
+JSON config (configs/<dataset>.json, or --config-path) < flags typed on the command line. Every
+config key is described, typed and bounded in `ddpmkit.schema`; files and flags are checked
+against it before anything runs or is written. This module imports no torch: the work is done
+by `ddpmkit.training.images.launch`.
 """
 
 import argparse
+import json
 import logging
 import os
 from typing import Any, Dict, List, Optional, Set
 
+from ddpmkit import schema
+from ddpmkit.choices import (
+    BETA_SCHEDULES,
+    IMAGE_DATASETS,
+    LOSS_TYPES,
+    MODEL_MEAN_TYPES,
+    MODEL_VAR_TYPES,
+    PRECISIONS,
+    SKIP_SCHEDULES,
+)
 from ddpmkit.cli import CLIParser, add_speed_flags, run_guarded, setup_logging
-from ddpmkit.config import deep_update, find_config_file, load_json, parse_with_explicit
-from ddpmkit.diffusion import BETA_SCHEDULES, LOSS_TYPES, MODEL_MEAN_TYPES, MODEL_VAR_TYPES
-from ddpmkit.diffusion.schedules import SKIP_SCHEDULES
+from ddpmkit.config import (
+    PACKAGE_CONFIG_DIR,
+    deep_update,
+    find_config_file,
+    load_json,
+    parse_with_explicit,
+)
 from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-IMAGE_DATASETS = ("mnist", "cifar10", "celeba", "celebahq", "folder")
 
 # dest of a flag -> (config section, key). Only these flags end up in the resolved config.
 FLAG_TO_CONFIG = {
@@ -26,6 +42,7 @@ FLAG_TO_CONFIG = {
     "random_flip": ("dataset", "random_flip"),
     "download": ("dataset", "download"),
     "num_workers": ("dataset", "num_workers"),
+    "split": ("dataset", "split"),
     "timesteps": ("diffusion", "timesteps"),
     "beta_schedule": ("diffusion", "beta_schedule"),
     "beta_start": ("diffusion", "beta_start"),
@@ -55,6 +72,8 @@ FLAG_TO_CONFIG = {
     "image_intv": ("train", "image_intv"),
     "num_samples": ("train", "num_samples"),
     "chkpt_intv": ("train", "chkpt_intv"),
+    "chkpt_every_minutes": ("train", "chkpt_every_minutes"),
+    "chkpt_every_steps": ("train", "chkpt_every_steps"),
     "log_intv": ("train", "log_intv"),
     "seed": ("train", "seed"),
     "precision": ("train", "precision"),
@@ -82,35 +101,49 @@ def _bool_list(text: str) -> List[bool]:
     return [bool(v) for v in _int_list(text)]
 
 
+def _d(section: str, key: str) -> Any:
+    """The schema's built-in default of a key (the one place defaults are written)."""
+    return schema.SCHEMA[section][key].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = CLIParser(
         prog="ddpmkit train",
         description="Train a DDPM on an image dataset (flags of the reference train.py). "
-                    "Precedence: defaults < configs/<dataset>.json < typed flags.")
+                    "Precedence: defaults < configs/<dataset>.json < typed flags; the config "
+                    "keys are listed in the README.")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=IMAGE_DATASETS, default="cifar10")
-    g.add_argument("--root", default="~/datasets", help="root directory of datasets "
+    g.add_argument("--dataset", choices=IMAGE_DATASETS, default=None,
+                   help="dataset (default: the config file's, else cifar10)")
+    g.add_argument("--root", default=_d("dataset", "root"), help="root directory of datasets "
                    "(for --dataset folder: the image folder)")
     g.add_argument("--image-size", type=int, default=None,
-                   help="image resolution (required for --dataset folder)")
+                   help="image resolution (default: the dataset's; required for folder)")
     g.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: the dataset's)")
     g.add_argument("--split", default=None, help="dataset split to train on (default: the "
                    "dataset's training split; e.g. test for the MNIST test files)")
     g.add_argument("--download", action="store_true", help="download the dataset if missing")
-    g.add_argument("--num-workers", type=int, default=4, help="data loader worker processes")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="data loader worker processes (default: up to 4, no more than the "
+                        "CPUs available)")
 
     g = p.add_argument_group("diffusion")
-    g.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps")
-    g.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="linear")
-    g.add_argument("--beta-start", type=float, default=0.0001)
-    g.add_argument("--beta-end", type=float, default=0.02)
-    g.add_argument("--model-mean-type", choices=MODEL_MEAN_TYPES, default="eps")
-    g.add_argument("--model-var-type", choices=MODEL_VAR_TYPES, default="fixed-large")
-    g.add_argument("--loss-type", choices=LOSS_TYPES, default="mse")
+    g.add_argument("--timesteps", type=int, default=_d("diffusion", "timesteps"),
+                   help="number of diffusion steps")
+    g.add_argument("--beta-schedule", choices=BETA_SCHEDULES,
+                   default=_d("diffusion", "beta_schedule"))
+    g.add_argument("--beta-start", type=float, default=_d("diffusion", "beta_start"))
+    g.add_argument("--beta-end", type=float, default=_d("diffusion", "beta_end"))
+    g.add_argument("--model-mean-type", choices=MODEL_MEAN_TYPES,
+                   default=_d("diffusion", "model_mean_type"))
+    g.add_argument("--model-var-type", choices=MODEL_VAR_TYPES,
+                   default=_d("diffusion", "model_var_type"))
+    g.add_argument("--loss-type", choices=LOSS_TYPES, default=_d("diffusion", "loss_type"))
 
     g = p.add_argument_group("model (defaults come from the config file)")
-    g.add_argument("--block-size", type=int, default=1, help="block size used for pixel shuffle")
+    g.add_argument("--block-size", type=int, default=_d("model", "block_size"),
+                   help="block size used for pixel shuffle")
     g.add_argument("--hid-channels", type=int, default=None, help="base channels")
     g.add_argument("--ch-multipliers", type=_int_list, default=None, help="e.g. 1,2,2,2")
     g.add_argument("--num-res-blocks", type=int, default=None)
@@ -120,27 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-norm-eps", type=float, default=None)
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=50, help="total number of training epochs")
+    g.add_argument("--epochs", type=int, default=_d("train", "epochs"),
+                   help="total number of training epochs")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer updates (overrides --epochs)")
-    g.add_argument("--lr", type=float, default=2e-4, help="learning rate")
-    g.add_argument("--beta1", type=float, default=0.9, help="beta_1 in Adam")
-    g.add_argument("--beta2", type=float, default=0.999, help="beta_2 in Adam")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--batch-size", type=int, default=128,
+    g.add_argument("--lr", type=float, default=_d("train", "lr"), help="learning rate")
+    g.add_argument("--beta1", type=float, default=_d("train", "beta1"), help="beta_1 in Adam")
+    g.add_argument("--beta2", type=float, default=_d("train", "beta2"), help="beta_2 in Adam")
+    g.add_argument("--weight-decay", type=float, default=_d("train", "weight_decay"),
+                   help="AdamW weight decay")
+    g.add_argument("--batch-size", type=int, default=_d("train", "batch_size"),
                    help="global batch: split across processes and accumulation steps")
-    g.add_argument("--num-accum", type=int, default=1,
+    g.add_argument("--num-accum", type=int, default=_d("train", "num_accum"),
                    help="number of mini-batches before an update")
-    g.add_argument("--grad-norm", type=float, default=1.0, help="gradient clipping norm (0: off)")
-    g.add_argument("--warmup", type=int, default=5000, help="linear LR warmup steps")
-    g.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=False,
-                   help="whether to use exponential moving average (--no-use-ema turns off "
-                   "a config's EMA)")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="decay factor of ema")
-    g.add_argument("--seed", type=int, default=1234, help="random seed")
+    g.add_argument("--grad-norm", type=float, default=_d("train", "grad_norm"),
+                   help="gradient clipping norm (0: off)")
+    g.add_argument("--warmup", type=int, default=_d("train", "warmup"),
+                   help="linear LR warmup steps")
+    g.add_argument("--use-ema", action=argparse.BooleanOptionalAction,
+                   default=_d("train", "use_ema"), help="whether to use exponential moving "
+                   "average (--no-use-ema turns off a config's EMA)")
+    g.add_argument("--ema-decay", type=float, default=_d("train", "ema_decay"),
+                   help="decay factor of ema")
+    g.add_argument("--seed", type=int, default=_d("train", "seed"), help="random seed")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    g.add_argument("--precision", choices=PRECISIONS, default=_d("train", "precision"),
                    help="bf16 autocast (CUDA, or CPUs with bf16 support); weights stay fp32")
     add_speed_flags(g, "model")
 
@@ -153,137 +191,200 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rigid-launch", action="store_true",
                    help="spawn --num-gpus processes here instead of using torchrun")
     g.add_argument("--num-gpus", type=int, default=1, help="number of gpus for distributed "
-                   "training (with --rigid-launch)")
+                   "training (with --rigid-launch; CPU processes need --train-device cpu)")
 
-    g = p.add_argument_group("outputs")
+    _add_output_flags(p)
+    _add_eval_flags(p)
+    _annotate_config_defaults(p)
+    return p
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("outputs, checkpoints and resuming")
     g.add_argument("--exp-name", default=None, help="run name (default: the dataset name)")
     g.add_argument("--image-dir", default="./images/train")
-    g.add_argument("--image-intv", type=int, default=10, help="epochs between sample grids")
+    g.add_argument("--image-intv", type=int, default=_d("train", "image_intv"),
+                   help="epochs between sample grids")
     g.add_argument("--num-save-images", "--num-samples", dest="num_samples", type=int,
-                   default=64, help="images in each sample grid")
+                   default=_d("train", "num_samples"), help="images in each sample grid")
     g.add_argument("--config-dir", default="./configs")
     g.add_argument("--config-path", default=None, help="JSON config (default: "
                    "<config-dir>/<dataset>.json, else the shipped one)")
     g.add_argument("--chkpt-dir", default="./chkpts")
     g.add_argument("--chkpt-name", default="", help="checkpoint file prefix "
                    "(default ddpm_<dataset>)")
-    g.add_argument("--chkpt-intv", type=int, default=120, help="epochs between checkpoints")
-    g.add_argument("--log-intv", type=int, default=50, help="steps between JSONL log lines")
-    g.add_argument("--resume", action="store_true", help="resume from --chkpt-path, or the "
-                   "newest checkpoint of the run")
-    g.add_argument("--chkpt-path", default="", help="checkpoint to resume from")
+    g.add_argument("--chkpt-intv", type=int, default=_d("train", "chkpt_intv"),
+                   help="epochs between permanent checkpoints")
+    g.add_argument("--chkpt-every-minutes", type=float,
+                   default=_d("train", "chkpt_every_minutes"),
+                   help="minutes between rolling checkpoints of the latest state (the last "
+                        "two are kept; 0: off)")
+    g.add_argument("--chkpt-every-steps", type=int, default=_d("train", "chkpt_every_steps"),
+                   help="updates between rolling checkpoints (0: off)")
+    g.add_argument("--log-intv", type=int, default=_d("train", "log_intv"),
+                   help="steps between JSONL log lines")
+    g.add_argument("--resume", action="store_true", help="continue the run from --chkpt-path, "
+                   "or from the checkpoint of its folder with the highest step")
+    g.add_argument("--chkpt-path", default="", help="checkpoint to resume from (with --resume)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds another run's checkpoints "
+                        "(they are deleted once the new run has made its first update)")
     g.add_argument("--dry-run", action="store_true",
                    help="test-run till the first model update completes")
+    g.add_argument("-v", "--verbose", action="store_true")
 
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation during training")
     g.add_argument("--eval", action="store_true", help="whether to evaluate fid during training")
     g.add_argument("--eval-intv", type=int, default=None,
                    help="epochs between evaluations (default: --chkpt-intv)")
-    g.add_argument("--eval-total-size", type=int, default=50000)
-    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--eval-total-size", type=int, default=_d("eval", "total_size"))
+    g.add_argument("--eval-batch-size", type=int, default=_d("eval", "batch_size"))
     g.add_argument("--use-ddim", action="store_true")
-    g.add_argument("--skip-schedule", choices=SKIP_SCHEDULES, default="quadratic")
-    g.add_argument("--subseq-size", type=int, default=50)
+    g.add_argument("--skip-schedule", choices=SKIP_SCHEDULES, default=_d("eval", "skip_schedule"))
+    g.add_argument("--subseq-size", type=int, default=_d("eval", "subseq_size"))
     g.add_argument("--inception-weights", default=None, help="path of the FID Inception weights")
     g.add_argument("--precomputed-dir", default="./precomputed")
-    g.add_argument("-v", "--verbose", action="store_true")
-    return p
 
 
-def builtin_defaults(parser: argparse.ArgumentParser) -> Dict[str, Dict[str, Any]]:
-    """The parser's defaults, laid out as config sections (values that are None are left out)."""
-    config: Dict[str, Dict[str, Any]] = {}
-    for action in parser._actions:
-        if action.dest in FLAG_TO_CONFIG and action.default is not None:
-            section, key = FLAG_TO_CONFIG[action.dest]
-            config.setdefault(section, {})[key] = action.default
-    return config
+def _shipped_values() -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """{dataset: its shipped config} (json only: cheap enough for every parser build)."""
+    out = {}
+    for name in IMAGE_DATASETS:
+        path = os.path.join(PACKAGE_CONFIG_DIR, f"{name}.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                out[name] = json.load(f)
+    return out
 
 
-def _file_config(args) -> Dict[str, Any]:
-    """The JSON config for the run: --config-path, else the dataset's (folder: by image size)."""
-    name = args.dataset
-    if name == "folder" and not args.config_path:
-        if not args.image_size:
-            raise UserError("--dataset folder needs --image-size N (and optionally "
-                            "--config-path FILE for the network)")
-        by_size = {32: "cifar10", 64: "celeba", 256: "celebahq"}
-        if args.image_size not in by_size:
-            raise UserError(f"no shipped config for {args.image_size}x{args.image_size} images: "
-                            "pass --config-path FILE (see configs/ for the schema)")
-        name = by_size[args.image_size]
-    path = find_config_file(name, args.config_path, args.config_dir)
-    cfg = load_json(path)
-    if isinstance(cfg.get("dataset"), str):  # the reference wrote "dataset": "cifar10"
-        cfg["dataset"] = {"name": cfg["dataset"]}
-    for section in ("dataset", "diffusion", "model", "train"):
-        if not isinstance(cfg.get(section, {}), dict):
-            raise UserError(f"config {path}: section {section!r} must be a JSON object")
-    cfg.setdefault("dataset", {})["name"] = args.dataset
-    if args.dataset == "folder":
-        cfg["dataset"]["resolution"] = args.image_size
-        cfg["dataset"].setdefault("channels", 3)
+def _annotate_config_defaults(p: argparse.ArgumentParser) -> None:
+    """Say in --help which flags a dataset's config file sets, and to what."""
+    shipped = _shipped_values()
+    for action in p._actions:  # argparse has no public iterator over its actions
+        where = FLAG_TO_CONFIG.get(action.dest)
+        if where is None:
+            continue
+        section, key = where
+        values = {name: cfg.get(section, {}).get(key) for name, cfg in shipped.items()}
+        values = {n: v for n, v in values.items() if v is not None and v != action.default}
+        if values:
+            listed = ", ".join(f"{n} {json.dumps(v).replace(' ', '')}" for n, v in values.items())
+            action.help = (action.help + "; " if action.help else "") + \
+                f"configs/<dataset>.json sets: {listed}"
+
+
+# ---- config resolution --------------------------------------------------------------------
+def builtin_defaults(parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, Dict[str, Any]]:
+    """The schema's built-in values (the parser's defaults are taken from the same table)."""
+    return schema.defaults()
+
+
+def _config_name(args: argparse.Namespace) -> str:
+    """The shipped config to read when no --config-path is given (folder: by image size)."""
+    name = args.dataset or "cifar10"
+    if name != "folder" or args.config_path:
+        return name
+    if not args.image_size:
+        raise UserError("--dataset folder needs --image-size N (and optionally "
+                        "--config-path FILE for the network)")
+    by_size = {32: "cifar10", 64: "celeba", 256: "celebahq"}
+    if args.image_size not in by_size:
+        raise UserError(f"no shipped config for {args.image_size}x{args.image_size} images: "
+                        "pass --config-path FILE (see configs/ for the schema)")
+    return by_size[args.image_size]
+
+
+def _file_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """The JSON config for the run, normalized and checked against the schema."""
+    path = find_config_file(_config_name(args), args.config_path, args.config_dir)
+    source = f"config file {path}"
+    cfg = schema.check(schema.normalize(load_json(path)), source)
     cfg["config_file"] = os.path.abspath(path)
     return cfg
+
+
+def _typed_flags(args: argparse.Namespace, typed: Set[str]) -> Dict[str, Dict[str, Any]]:
+    """The flags the user typed, as config sections, each checked against the schema."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for dest in sorted(typed):
+        if dest in FLAG_TO_CONFIG:
+            section, key = FLAG_TO_CONFIG[dest]
+            flag = "--" + dest.replace("_", "-")
+            value = schema.check_value(section, key, getattr(args, dest), source="",
+                                       label=flag)
+            out.setdefault(section, {})[key] = value
+    return out
 
 
 def resolve_config(args: argparse.Namespace, typed: Set[str],
                    parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, Any]:
     """defaults < JSON < typed flags, as one nested dict (stored in every checkpoint)."""
-    parser = parser or build_parser()
-    config = deep_update(builtin_defaults(parser), _file_config(args))
-    for dest in typed:
-        if dest in FLAG_TO_CONFIG:
-            section, key = FLAG_TO_CONFIG[dest]
-            config.setdefault(section, {})[key] = getattr(args, dest)
-    config["dataset"]["name"] = args.dataset
-    config.setdefault("eval", {}).setdefault("intv", config["train"]["chkpt_intv"])
+    file_cfg = _file_config(args)
+    file_dataset = file_cfg.get("dataset", {}).get("name")
+    dataset = args.dataset or file_dataset or "cifar10"
+    if args.dataset and file_dataset and file_dataset != args.dataset \
+            and args.dataset != "folder":
+        logger.warning("--dataset %s overrides the config file's dataset %s", args.dataset,
+                       file_dataset)
+    config = deep_update(deep_update(schema.defaults(), file_cfg), _typed_flags(args, typed))
+    config["dataset"]["name"] = dataset
+    if dataset == "folder":
+        config["dataset"]["resolution"] = args.image_size
+    config["eval"].setdefault("intv", None)
+    if config["eval"]["intv"] is None:
+        config["eval"]["intv"] = config["train"]["chkpt_intv"] or None
     config["run"] = {
-        "exp_name": args.exp_name or args.dataset,
-        "chkpt_name": args.chkpt_name or f"ddpm_{args.dataset}",
+        "exp_name": args.exp_name or dataset,
+        "chkpt_name": args.chkpt_name or f"ddpm_{dataset}",
         "image_dir": args.image_dir,
         "chkpt_dir": args.chkpt_dir,
     }
     return config
 
 
-# (section, key, lowest allowed value, whether the bound itself is allowed)
-_NUMERIC_BOUNDS = [
-    ("train", "lr", 0.0, False), ("train", "batch_size", 1, True), ("train", "num_accum", 1, True),
-    ("train", "epochs", 1, True), ("train", "warmup", 0, True), ("train", "grad_norm", 0.0, True),
-    ("train", "weight_decay", 0.0, True), ("train", "image_intv", 0, True),
-    ("train", "chkpt_intv", 0, True), ("train", "num_samples", 0, True),
-    ("train", "log_intv", 1, True), ("diffusion", "timesteps", 2, True),
-    ("dataset", "num_workers", 0, True),
-]
-_NAMES = {"lr": "learning rate (--lr)"}
-
-
 def validate_config(config: Dict[str, Any]) -> None:
-    """Reject impossible values up front, with the flag to fix, before any work starts."""
-    for section, key, low, inclusive in _NUMERIC_BOUNDS:
-        value = config.get(section, {}).get(key)
-        if value is None:
-            continue
-        ok = value >= low if inclusive else value > low
-        if not ok:
-            name = _NAMES.get(key, f"--{key.replace('_', '-')}")
-            relation = ">=" if inclusive else ">"
-            raise UserError(f"{name} must be {relation} {low}, got {value}")
-    max_steps = config["train"].get("max_steps")
-    if max_steps is not None and max_steps < 1:
-        raise UserError(f"--max-steps must be >= 1, got {max_steps}")
-    decay = config["train"].get("ema_decay")
-    if config["train"].get("use_ema") and not 0.0 <= decay < 1.0:
-        raise UserError(f"--ema-decay must be in [0, 1), got {decay}")
+    """Checks that involve more than one key (each key alone was checked by the schema)."""
+    train = config["train"]
+    missing = [k for k in schema.MODEL_REQUIRED if k not in config.get("model", {})]
+    if missing:
+        raise UserError(f"the config names no {', '.join(missing)} for the network (section "
+                        f"\"model\" of {config.get('config_file')})")
+    if train["batch_size"] % train["num_accum"]:
+        raise UserError(f"--batch-size {train['batch_size']} must be divisible by --num-accum "
+                        f"{train['num_accum']}")
+    if config["dataset"]["name"] == "folder" and not config["dataset"].get("resolution"):
+        raise UserError("--dataset folder needs --image-size N")
+
+
+def launch_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """What the launch needs besides the config, as plain values."""
+    if args.chkpt_path and not args.resume:
+        raise UserError("--chkpt-path names the checkpoint to resume from: add --resume, or "
+                        "drop --chkpt-path to start a new run")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run; --overwrite replaces it: pick one")
+    return {
+        "train_device": args.train_device, "eval_device": args.eval_device,
+        "distributed": bool(args.distributed), "rigid_launch": bool(args.rigid_launch),
+        "num_gpus": int(args.num_gpus), "resume": bool(args.resume),
+        "chkpt_path": os.path.expanduser(args.chkpt_path) if args.chkpt_path else None,
+        "dry_run": bool(args.dry_run), "overwrite": bool(args.overwrite),
+        "inception_weights": args.inception_weights, "precomputed_dir": args.precomputed_dir,
+        "verbose": bool(args.verbose),
+    }
 
 
 def run(args: argparse.Namespace, typed: Set[str], parser: argparse.ArgumentParser) -> int:
-    from ddpmkit.training.images import launch
-
+    options = launch_options(args)
+    if args.num_gpus < 1:
+        raise UserError(f"--num-gpus must be at least 1, got {args.num_gpus}")
     config = resolve_config(args, typed, parser)
     validate_config(config)
-    return launch(config, args)
+    from ddpmkit.training.images import launch
+
+    return launch(config, options)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

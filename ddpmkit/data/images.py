@@ -562,6 +562,22 @@ def _missing_message(spec: ImageDatasetSpec, root: str, split: str, download: bo
     return message
 
 
+# Data-loading processes when none are asked for: enough to keep one GPU fed with these small
+# images, and never more than the CPUs this process may use (PyTorch warns beyond that).
+MAX_DEFAULT_WORKERS = 4
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def default_num_workers(limit: int = MAX_DEFAULT_WORKERS) -> int:
+    return min(limit, available_cpus())
+
+
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
                  device, drop_last: bool, sampler: Sampler | None = None,
                  generator: torch.Generator | None = None) -> DataLoader:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-TOY_DATASETS = ("gaussian8", "gaussian25", "swissroll")
+from ddpmkit.choices import TOY_DATASETS
 
 # Reference constants (raw units, before scaling to unit variance).
 GAUSSIAN8_RADIUS, GAUSSIAN8_STD = 2.0, 0.02

@@ -23,17 +23,13 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
+from ddpmkit.choices import DECODERS, LOSS_TYPES, MODEL_MEAN_TYPES, MODEL_VAR_TYPES
 from ddpmkit.diffusion.functions import (
     continuous_gaussian_log_likelihood,
     discretized_gaussian_log_likelihood,
     mean_flat,
     normal_kl,
 )
-
-MODEL_MEAN_TYPES = ("eps", "x_0", "mean")
-MODEL_VAR_TYPES = ("fixed-small", "fixed-large", "learned")
-LOSS_TYPES = ("mse", "kl")
-DECODERS = ("discretized", "continuous")
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

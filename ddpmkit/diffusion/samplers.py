@@ -19,10 +19,9 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 import torch
 
+from ddpmkit.choices import SAMPLERS
 from ddpmkit.diffusion.gaussian import DenoiseFn, GaussianDiffusion
 from ddpmkit.diffusion.schedules import ddim_timesteps
-
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 
 NoiseFn = Callable[[int, torch.Tensor], torch.Tensor]
 

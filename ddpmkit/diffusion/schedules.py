@@ -13,8 +13,7 @@ import math
 
 import numpy as np
 
-BETA_SCHEDULES = ("linear", "quad", "warmup10", "warmup50", "jsd", "cosine")
-SKIP_SCHEDULES = ("linear", "quadratic")
+from ddpmkit.choices import BETA_SCHEDULES, SKIP_SCHEDULES
 
 # No beta may reach 1: alphas_bar would be 0 at the last step and recovering x_0 from eps
 # (division by sqrt(alphas_bar)) would give inf. `jsd` ends at exactly 1 and `cosine` tends to

@@ -22,8 +22,9 @@ EVAL_SEED = 0  # the same sample noise at every evaluation, so scores differ onl
 
 
 class FIDCallback(Callback):
-    def __init__(self, config: Dict[str, Any], args, diffusion, shape: Sequence[int],
-                 device: torch.device):
+    def __init__(self, config: Dict[str, Any], diffusion, shape: Sequence[int],
+                 device: torch.device, inception_weights: Optional[str] = None,
+                 precomputed_dir: Optional[str] = None, eval_device: Optional[str] = None):
         ev = config.get("eval", {})
         self.every = int(ev.get("intv") or 0)
         self.total = int(ev.get("total_size", 50000))
@@ -34,9 +35,8 @@ class FIDCallback(Callback):
         self.metrics = ("fid", "pr")
         self.diffusion, self.shape = diffusion, tuple(shape)
         self.dataset = config["dataset"]
-        self.weights = getattr(args, "inception_weights", None)
-        self.precomputed_dir = getattr(args, "precomputed_dir", "./precomputed")
-        eval_device = getattr(args, "eval_device", "auto")
+        self.weights = inception_weights
+        self.precomputed_dir = precomputed_dir or "./precomputed"
         self.device = device if eval_device in (None, "auto") else resolve_device(eval_device)
         self.inception = None
         self.ref_stats = None

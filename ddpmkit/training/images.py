@@ -1,8 +1,9 @@
 """Image training: dataset -> UNet -> Trainer, on one process or many (DDP).
 
-`launch(config, args)` is what `ddpmkit train` calls with the resolved config. It runs one
-process, spawns `--num-gpus` processes (`--distributed --rigid-launch`), or joins the process
-group torchrun set up.
+`launch(config, options)` is what `ddpmkit train` calls with the resolved config and the launch
+options (devices, resume, overwrite, ...: plain values). It runs one process, spawns
+`--num-gpus` processes (`--distributed --rigid-launch`), or joins the process group torchrun set
+up (also after an elastic restart, which resumes from the newest checkpoint).
 
 Batches are split the same way whatever the number of processes: the global batch of an update
 is a contiguous slice of the epoch's permutation (DistributedSampler with one replica per
@@ -12,7 +13,6 @@ examples. So N processes with global batch B compute the same update as one proc
 (up to float summation order and dropout, whose RNG is per process).
 """
 
-import argparse
 import json
 import logging
 import os
@@ -22,11 +22,11 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ddpmkit.build import build_diffusion
-from ddpmkit.config import dump_json
 from ddpmkit.devices import compile_mode, compile_module, resolve_device
-from ddpmkit.errors import UserError
+from ddpmkit.errors import UserError, signal_name
 from ddpmkit.training import distributed as dist_utils
-from ddpmkit.training.checkpoint import latest_checkpoint, load_checkpoint
+from ddpmkit.training.preemption import StopFlag, exit_code
+from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.trainer import Callback, Trainer
 
 logger = logging.getLogger(__name__)
@@ -124,8 +124,8 @@ class SampleGrid(Callback):
 def run_dirs(config: Dict[str, Any]) -> Dict[str, str]:
     run = config["run"]
     return {
-        "chkpt": os.path.join(run["chkpt_dir"], run["exp_name"]),
-        "images": os.path.join(run["image_dir"], run["exp_name"]),
+        "chkpt": os.path.join(os.path.expanduser(run["chkpt_dir"]), run["exp_name"]),
+        "images": os.path.join(os.path.expanduser(run["image_dir"]), run["exp_name"]),
     }
 
 
@@ -134,21 +134,6 @@ def _architecture(config: Dict[str, Any]) -> Dict[str, Any]:
     return {"model": config.get("model"),
             "diffusion": {k: config.get("diffusion", {}).get(k)
                           for k in ("model_var_type", "timesteps")}}
-
-
-def find_resume_path(config: Dict[str, Any], args: argparse.Namespace) -> Optional[str]:
-    """--chkpt-path, else the newest checkpoint of the run; None when not resuming."""
-    elastic_restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if not (args.resume or elastic_restart):
-        return None
-    if args.chkpt_path:
-        return args.chkpt_path
-    folder = run_dirs(config)["chkpt"]
-    path = latest_checkpoint(folder, f"{config['run']['chkpt_name']}_*.pt")
-    if path is None and args.resume:
-        raise UserError(f"--resume: no checkpoint found in {folder}; pass --chkpt-path FILE or "
-                        "start without --resume")
-    return path
 
 
 def _check_same_architecture(state: Dict[str, Any], config: Dict[str, Any], path: str) -> None:
@@ -164,34 +149,62 @@ def _check_same_architecture(state: Dict[str, Any], config: Dict[str, Any], path
                         f"{'; '.join(diffs[:4])}); resume with the same config and flags")
 
 
-def train_worker(config: Dict[str, Any], args: argparse.Namespace) -> int:
-    """One training process (of one, of torchrun's, or of the spawned ones)."""
-    info = dist_utils.env_dist_info()
-    device = dist_utils.process_device(resolve_device(args.train_device), info)
-    dist_utils.init_process_group(info, device)
-    try:
-        code = _train(config, args, info, device)
-        # Leave together: rank 0 may still be writing the last checkpoint, and a process that
-        # tears down its process group while another still uses it can abort.
-        dist_utils.barrier()
-        return code
-    finally:
-        dist_utils.destroy_process_group()
+def complete_dataset_facts(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Resolution and channels belong to the dataset: fill them in (and the network's input
+    channels) from the dataset registry where the config file does not give them, as the
+    reference project's files do not."""
+    from ddpmkit.data.images import DATASETS, dataset_info
+
+    ds, model = config["dataset"], config["model"]
+    channels, resolution = dataset_info(ds["name"], ds.get("resolution"))
+    ds["resolution"], ds["channels"] = int(resolution), int(ds.get("channels") or channels)
+    if ds.get("random_flip") is None:
+        ds["random_flip"] = DATASETS[ds["name"]].random_flip
+    model.setdefault("in_channels", ds["channels"])
+    if model["in_channels"] != ds["channels"]:
+        raise UserError(f"the config's model.in_channels ({model['in_channels']}) does not match "
+                        f"the {ds['name']} images' {ds['channels']} channel(s)")
+    return config
 
 
-def _train(config, args, info, device) -> int:
-    from ddpmkit.data.images import DATASETS, build_dataset, build_loader
-    from ddpmkit.models import build_model
+def _elastic_restart() -> bool:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def prepare_run(config: Dict[str, Any], options: Dict[str, Any]) -> RunFolder:
+    """The run folder, checked before any work: writable, and resumable or free (see
+    `RunFolder`); loads the resume state (into `folder.resumed`)."""
+    dirs = run_dirs(config)
+    folder = RunFolder(dirs["chkpt"], config["run"]["chkpt_name"], config, dirs["images"])
+    folder.preflight()
+    resume = options.get("resume") or _elastic_restart()
+    if resume:
+        point = folder.resume_point(options.get("chkpt_path"))
+        if point is None and options.get("resume"):
+            raise UserError(f"--resume: no checkpoint found in {dirs['chkpt']}; pass "
+                            "--chkpt-path FILE or start without --resume")
+        if point is None:
+            logger.warning("restarted by torchrun before the first checkpoint: starting from "
+                           "step 0")
+            folder.check_new_run(overwrite=True)
+        else:
+            _check_same_architecture(point.state, config, point.path)
+    else:
+        folder.check_new_run(bool(options.get("overwrite")))
+    return folder
+
+
+def _build_data(config: Dict[str, Any], options: Dict[str, Any], info, device):
+    """(loader, micro-batch) for this process: a DistributedSampler over the whole dataset."""
+    from ddpmkit.data.images import DATASETS, build_dataset, build_loader, default_num_workers
 
     tr, ds = config["train"], config["dataset"]
     seed = int(tr["seed"])
-    torch.manual_seed(seed + info.rank)  # model init (overwritten on resume) and dropout
     micro = dist_utils.micro_batch_size(int(tr["batch_size"]), info.world_size,
                                         int(tr["num_accum"]))
-    split = getattr(args, "split", None) or DATASETS[ds["name"]].train_split
-    random_flip = ds.get("random_flip", DATASETS[ds["name"]].random_flip)
+    split = ds.get("split") or DATASETS[ds["name"]].train_split
     # Flips are drawn by the trainer (see ImageTrainer), so the dataset yields unflipped images.
-    dataset = build_dataset(ds["name"], ds["root"], split=split, image_size=ds.get("resolution"),
+    dataset = build_dataset(ds["name"], ds["root"], split=split, image_size=ds["resolution"],
                             download=bool(ds.get("download")), random_flip=False)
     if len(dataset) < micro * info.world_size:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "
@@ -199,85 +212,135 @@ def _train(config, args, info, device) -> int:
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
                                  shuffle=True, seed=seed, drop_last=True)
     loader_gen = torch.Generator().manual_seed(seed + LOADER_SEED_OFFSET)
-    loader = build_loader(dataset, micro, shuffle=False, num_workers=int(ds["num_workers"]),
-                          device=device, drop_last=True, sampler=sampler, generator=loader_gen)
+    workers = ds.get("num_workers")
+    workers = default_num_workers() if workers is None else int(workers)
+    loader = build_loader(dataset, micro, shuffle=False, num_workers=workers, device=device,
+                          drop_last=True, sampler=sampler, generator=loader_gen)
     if len(loader) < int(tr["num_accum"]):
         raise UserError("an epoch has fewer micro-batches than --num-accum; lower --batch-size")
+    return loader, micro, len(dataset)
 
+
+def _build_model(config: Dict[str, Any], info, device):
+    """(diffusion, model, the network to train: DDP-wrapped and compiled as asked)."""
+    from ddpmkit.models import build_model
+
+    tr, ds = config["train"], config["dataset"]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
-    channels, resolution = int(ds.get("channels", 3)), int(ds["resolution"])
     diffusion = build_diffusion(config["diffusion"], decoder="discretized")
-    model = build_model(config["model"], diffusion.model_out_channels(channels)).to(device)
+    model = build_model(config["model"], diffusion.model_out_channels(ds["channels"])).to(device)
     # Off by default: on an H100 (torch 2.11, cuDNN 9.19) this UNet trained and sampled slower
     # in channels_last (README, performance section; the cause was not profiled).
-    channels_last = bool(tr.get("channels_last"))
-    if channels_last:
+    if tr.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     net = model
     if info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    net = compile_module(net, compile_mode(tr.get("compile")))
+    return diffusion, model, compile_module(net, compile_mode(tr.get("compile")))
 
-    dirs = run_dirs(config)
-    if info.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
-        logger.info("resolved config:\n%s", json.dumps(config, indent=2, sort_keys=True))
-        logger.info("%s: %d images, model %.2fM parameters, %d process(es), micro-batch %d, "
-                    "device %s", ds["name"], len(dataset), n_params / 1e6, info.world_size,
-                    micro, device)
-        os.makedirs(dirs["chkpt"], exist_ok=True)
-        dump_json(config, os.path.join(dirs["chkpt"], "config.json"))
 
-    ev = config.get("eval", {})
-    grid = SampleGrid(diffusion, (channels, resolution, resolution), dirs["images"],
-                      every=int(tr["image_intv"]), num=int(tr["num_samples"]),
-                      seed=seed + GRID_SEED_OFFSET,
+def _callbacks(config, options, diffusion, device, folder: RunFolder) -> List[Callback]:
+    tr, ds, ev = config["train"], config["dataset"], config.get("eval", {})
+    shape = (ds["channels"], ds["resolution"], ds["resolution"])
+    grid = SampleGrid(diffusion, shape, run_dirs(config)["images"], every=int(tr["image_intv"]),
+                      num=int(tr["num_samples"]), seed=int(tr["seed"]) + GRID_SEED_OFFSET,
                       sampler_name="ddim" if ev.get("use_ddim") else "ddpm",
                       steps=int(ev.get("subseq_size") or 0) or None,
                       skip_schedule=ev.get("skip_schedule", "linear"))
-    callbacks: List[Callback] = [grid]
+    callbacks: List[Callback] = [folder, grid]
     if ev.get("enabled"):
         from ddpmkit.training.eval_callback import FIDCallback
 
-        callbacks.append(FIDCallback(config, args, diffusion, (channels, resolution, resolution),
-                                     device))
-    trainer = ImageTrainer(
+        callbacks.append(FIDCallback(config, diffusion, shape, device,
+                                     inception_weights=options.get("inception_weights"),
+                                     precomputed_dir=options.get("precomputed_dir"),
+                                     eval_device=options.get("eval_device")))
+    return callbacks
+
+
+def _build_trainer(config, options, info, device, loader, micro, diffusion, model, net,
+                   folder: RunFolder, stop: StopFlag) -> ImageTrainer:
+    tr = config["train"]
+    weight_decay = float(tr.get("weight_decay", 0.0))
+    return ImageTrainer(
         net, diffusion, loader, epochs=int(tr["epochs"]), lr=float(tr["lr"]),
-        betas=(float(tr["beta1"]), float(tr["beta2"])),
-        weight_decay=float(tr.get("weight_decay", 0.0)),
-        optimizer="adamw" if float(tr.get("weight_decay", 0.0)) > 0 else "adam",
+        betas=(float(tr["beta1"]), float(tr["beta2"])), weight_decay=weight_decay,
+        optimizer="adamw" if weight_decay > 0 else "adam",
         # Fused Adam: one kernel for all parameters on CUDA; on the CPU 1.06-1.13x faster steps
         # than the per-parameter loop (CIFAR-10 UNet, batch 8, bf16, one thread).
         fused=True,
         warmup_steps=int(tr["warmup"]), grad_clip=float(tr.get("grad_norm") or 0.0),
         num_accum=int(tr["num_accum"]),
         ema_decay=float(tr["ema_decay"]) if tr.get("use_ema") else None,
-        device=device, seed=seed, chkpt_dir=dirs["chkpt"],
-        chkpt_name=config["run"]["chkpt_name"] + "_{epoch}.pt",
-        chkpt_intv=int(tr["chkpt_intv"]), save_final=True,
-        log_path=os.path.join(dirs["chkpt"], "log.jsonl"), log_every=int(tr["log_intv"]),
-        tensorboard_dir=os.path.join(dirs["chkpt"], "tensorboard"),
-        progress=True, callbacks=callbacks, config=config, is_main=info.is_main,
-        rank=info.rank, world_size=info.world_size,
-        amp_dtype=torch.bfloat16 if tr.get("precision") == "bf16" else None, throughput_key="img_per_s",
-        random_flip=bool(random_flip), global_batch=int(tr["batch_size"]), micro_batch=micro,
-        channels_last=channels_last)
+        device=device, seed=int(tr["seed"]), chkpt_dir=folder.folder,
+        chkpt_prefix=config["run"]["chkpt_name"], chkpt_intv=int(tr["chkpt_intv"]),
+        chkpt_intv_steps=int(tr.get("chkpt_every_steps") or 0),
+        chkpt_every_minutes=float(tr.get("chkpt_every_minutes") or 0.0), save_final=True,
+        log_path=folder.log_path, log_every=int(tr["log_intv"]),
+        tensorboard_dir=folder.tensorboard_dir, progress=True,
+        callbacks=_callbacks(config, options, diffusion, device, folder), config=config,
+        is_main=info.is_main, rank=info.rank, world_size=info.world_size,
+        control_group=dist_utils.control_group(), stop=stop,
+        amp_dtype=torch.bfloat16 if tr.get("precision") == "bf16" else None,
+        throughput_key="img_per_s", random_flip=bool(config["dataset"]["random_flip"]),
+        global_batch=int(tr["batch_size"]), micro_batch=micro,
+        channels_last=bool(tr.get("channels_last")))
 
-    resume_path = find_resume_path(config, args)
-    if resume_path:
-        state = load_checkpoint(resume_path, map_location="cpu")
-        _check_same_architecture(state, config, resume_path)
-        trainer.load_state_dict(state)
-        trainer.last_checkpoint = resume_path
+
+def train_worker(config: Dict[str, Any], options: Dict[str, Any]) -> int:
+    """One training process (of one, of torchrun's, or of the spawned ones); returns the exit
+    status (0, or 128 + the signal that stopped it)."""
+    info = dist_utils.env_dist_info()
+    device = dist_utils.process_device(resolve_device(options.get("train_device", "auto")), info)
+    with StopFlag(announce=info.is_main) as stop:
+        dist_utils.init_process_group(info, device)
+        try:
+            code = _train(config, options, info, device, stop)
+            # Leave together: rank 0 may still be writing the last checkpoint, and a process
+            # that tears down its process group while another still uses it can abort.
+            dist_utils.barrier()
+            return code
+        finally:
+            dist_utils.destroy_process_group()
+
+
+def _train(config, options, info, device, stop: StopFlag) -> int:
+    tr = config["train"]
+    torch.manual_seed(int(tr["seed"]) + info.rank)  # model init (overwritten on resume), dropout
+    folder = prepare_run(config, options)
+    loader, micro, num_images = _build_data(config, options, info, device)
+    diffusion, model, net = _build_model(config, info, device)
+    if info.is_main:
+        logger.info("resolved config:\n%s", json.dumps(config, indent=2, sort_keys=True))
+        logger.info("%s: %d images, model %.2fM parameters, %d process(es), micro-batch %d, "
+                    "device %s", config["dataset"]["name"], num_images,
+                    sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, micro,
+                    device)
+    trainer = _build_trainer(config, options, info, device, loader, micro, diffusion, model,
+                             net, folder, stop)
+    if folder.resumed is not None:
+        trainer.load_state_dict(folder.resumed.state)
+        trainer.last_checkpoint = folder.resumed.path
         if info.is_main:
-            logger.info("resumed from %s (epoch %d, step %d)", resume_path, trainer.epoch,
-                        trainer.step)
-
-    max_steps = 1 if args.dry_run else tr.get("max_steps")
+            logger.info("resumed from %s (epoch %d, step %d)", folder.resumed.path,
+                        trainer.epoch, trainer.step)
+        folder.resumed.state = {"step": trainer.step}  # free the loaded tensors
+    max_steps = 1 if options.get("dry_run") else tr.get("max_steps")
     result = trainer.fit(max_steps=max_steps)
-    if args.dry_run or (max_steps is not None and trainer.step >= max_steps):
+    return _finish(trainer, result, options, max_steps, info)
+
+
+def _finish(trainer: ImageTrainer, result, options, max_steps, info) -> int:
+    grid = next(cb for cb in trainer.callbacks if isinstance(cb, SampleGrid))
+    if result["stopped"] is not None:
+        if info.is_main:
+            logger.warning("stopped by %s at step %d; the state is in %s: continue with "
+                           "--resume", signal_name(result["stopped"]), trainer.step,
+                           trainer.last_checkpoint)
+        return exit_code(result["stopped"])
+    if options.get("dry_run") or (max_steps is not None and trainer.step >= max_steps):
         grid.save(trainer, f"step{trainer.step}")  # the final checkpoint is saved by fit()
     if info.is_main:
         logger.info("done: %d steps, %d epochs, last loss %s, checkpoint %s", result["step"],
@@ -285,9 +348,14 @@ def _train(config, args, info, device) -> int:
     return 0
 
 
-def launch(config: Dict[str, Any], args: argparse.Namespace) -> int:
-    """Run training in this process, under torchrun, or in spawned processes."""
-    if args.distributed and args.rigid_launch and not dist_utils.launched_by_torchrun():
-        dist_utils.spawn(train_worker, args.num_gpus, (config, args))
-        return 0
-    return train_worker(config, args)
+def launch(config: Dict[str, Any], options: Dict[str, Any]) -> int:
+    """Run training in this process, under torchrun, or in spawned processes (the reference's
+    `--distributed --rigid-launch --num-gpus N`); returns the exit status."""
+    config = complete_dataset_facts(config)
+    if options.get("distributed") and options.get("rigid_launch") \
+            and not dist_utils.launched_by_torchrun():
+        n = int(options.get("num_gpus", 1))
+        dist_utils.check_spawn_devices(n, options.get("train_device", "auto"), "--train-device")
+        codes = dist_utils.spawn(train_worker, n, (config, options))
+        return max(codes, default=0)
+    return train_worker(config, options)

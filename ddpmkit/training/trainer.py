@@ -12,6 +12,14 @@ RNG states. The data source must give the same batch order for the same epoch (c
 `set_epoch(epoch)` on it; `ddpmkit.data.toy.TensorBatches` and `DistributedSampler` do), so a
 resumed run skips the batches already used and continues bit-identically on the CPU.
 
+Checkpoints (`CheckpointFiles`): permanent `<prefix>_<epoch>.pt` every `chkpt_intv` epochs;
+rolling `<prefix>_step<step>.pt` every `chkpt_every_minutes` minutes or `chkpt_intv_steps`
+updates, and whenever a run stops mid-epoch (the last two are kept). With a `StopFlag`, a
+SIGTERM or Ctrl-C ends `fit` after the current update with that state saved (`stopped` in the
+result). Every save involves every process (each one's RNG state goes into the file; the main
+process writes it, and all of them learn whether that worked), and so does the decision to
+stop or to save on the clock (`RunControl`), so processes never wait on each other in vain.
+
 Distributed runs pass the DDP-wrapped model; `unwrap` reaches the module underneath for
 checkpoints and EMA, `is_main` limits logging, progress bars and checkpoint writes to one
 process, and accumulation micro-steps skip the gradient all-reduce (`no_sync`).
@@ -20,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import os
@@ -31,19 +38,29 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ddpmkit.choices import LR_DECAYS, OPTIMIZERS
 from ddpmkit.errors import UserError
-from ddpmkit.training.checkpoint import get_rng_state, save_checkpoint, set_rng_state
+from ddpmkit.training.checkpoint import (
+    CheckpointFiles,
+    get_rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ddpmkit.training.ema import EMA
+from ddpmkit.training.preemption import RunControl, StopFlag
+from ddpmkit.training.runlog import RunLog
 
 logger = logging.getLogger(__name__)
 
-LR_DECAYS = ("none", "cosine", "linear")
-OPTIMIZERS = ("adam", "adamw")
 CHECKPOINT_KIND = "ddpmkit.trainer"
 
 
 class NonFiniteLossError(UserError):
     """The loss (or the weights) became NaN/inf; training stopped without saving."""
+
+
+class FollowerStop(UserError):
+    """Raised on the other processes when the main process could not save: they stop too."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -86,6 +103,10 @@ class Callback:
     def on_train_start(self, trainer: Trainer) -> None:
         pass
 
+    def on_run_start(self, trainer: Trainer) -> None:
+        """Once, after the first update of this `fit` succeeded and before anything is logged
+        or saved: the run is known to start (data loads, the model trains)."""
+
     def on_step_end(self, trainer: Trainer) -> None:
         """After each optimizer update (`trainer.step` already counts it)."""
 
@@ -114,6 +135,28 @@ def _iter_from(data: Iterable, start: int) -> Iterator:
     return itertools.islice(iter(data), start, None)
 
 
+def _check_arguments(data, epochs, num_accum, lr, lr_decay, optimizer) -> int:
+    """ValueErrors for impossible settings; returns the batches per epoch."""
+    if epochs <= 0:
+        raise ValueError(f"epochs must be positive, got {epochs}")
+    if num_accum <= 0:
+        raise ValueError(f"num_accum must be positive, got {num_accum}")
+    if not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"learning rate must be a positive number, got {lr}")
+    if lr_decay not in LR_DECAYS:
+        raise ValueError(f"unknown lr decay {lr_decay!r}; choose from {', '.join(LR_DECAYS)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from "
+                         f"{', '.join(OPTIMIZERS)}")
+    try:
+        batches_per_epoch = len(data)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise ValueError("data must have a length (batches per epoch)") from exc
+    if batches_per_epoch <= 0:
+        raise ValueError("data yields no batches per epoch")
+    return batches_per_epoch
+
+
 class Trainer:
     """Trains `model` on `data` with `diffusion`'s loss.
 
@@ -132,17 +175,23 @@ class Trainer:
         ema_decay: EMA decay; None or 0 disables EMA. `ema_warmup`: see `EMA`.
         device: where batches go.
         seed: seeds the trainer's generator for t and noise (offset by `rank`).
-        chkpt_dir, chkpt_name: where checkpoints go; `chkpt_name` is formatted with
-            `epoch` and `step`, e.g. "ddpm_cifar10_{epoch}.pt".
-        chkpt_intv: save every this many epochs (0: only when asked); `chkpt_intv_steps`:
-            also every this many updates. A final checkpoint is saved at the end of `fit`
-            when `save_final` is true.
-        log_path: JSONL log file (appended to); `log_every`: updates between log records.
+        chkpt_dir, chkpt_prefix: where checkpoints go and how their names start
+            ("ddpm_cifar10" gives ddpm_cifar10_<epoch>.pt and ddpm_cifar10_step<step>.pt).
+        chkpt_intv: a permanent checkpoint every this many epochs (0: none);
+            `chkpt_intv_steps` / `chkpt_every_minutes`: a rolling one every this many
+            updates / minutes (0: off). A final checkpoint is saved at the end of `fit` when
+            `save_final` is true and the state is not saved yet.
+        log_path: JSONL log file (appended to); `log_every`: updates between log records (the
+            first update is always logged, and the last one at the end of `fit`).
         tensorboard_dir: also write scalars there when tensorboard is installed.
         progress: show a tqdm progress bar (main process only).
         callbacks: `Callback` objects.
         config: the resolved run config (plain data), stored in every checkpoint.
         is_main, rank, world_size: distributed role; only the main process writes files.
+        control_group: a gloo process group for the agreement between processes (see
+            `RunControl`); None uses the default group.
+        stop: a `StopFlag` (installed by the command): a signal ends `fit` after the current
+            update, with the state saved.
         amp_dtype: autocast dtype for the forward pass (e.g. torch.bfloat16), or None.
         throughput_key: the log field for items per second ("samples_per_s", "img_per_s").
     """
@@ -154,32 +203,17 @@ class Trainer:
                  min_lr_ratio: float = 0.0, grad_clip: float | None = None,
                  num_accum: int = 1, ema_decay: float | None = None,
                  ema_warmup: bool = False, device: Any = "cpu", seed: int = 0,
-                 chkpt_dir: str | None = None, chkpt_name: str = "chkpt_{epoch}.pt",
-                 chkpt_intv: int = 0, chkpt_intv_steps: int = 0, save_final: bool = False,
+                 chkpt_dir: str | None = None, chkpt_prefix: str = "chkpt",
+                 chkpt_intv: int = 0, chkpt_intv_steps: int = 0,
+                 chkpt_every_minutes: float = 0.0, save_final: bool = False,
                  log_path: str | None = None, log_every: int = 100,
                  tensorboard_dir: str | None = None, progress: bool = True,
                  callbacks: Sequence[Callback] = (), config: dict[str, Any] | None = None,
                  is_main: bool = True, rank: int = 0, world_size: int = 1,
+                 control_group: Any = None, stop: StopFlag | None = None,
                  amp_dtype: torch.dtype | None = None,
                  throughput_key: str = "samples_per_s"):
-        if epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {epochs}")
-        if num_accum <= 0:
-            raise ValueError(f"num_accum must be positive, got {num_accum}")
-        if lr <= 0:
-            raise ValueError(f"learning rate must be positive, got {lr}")
-        if lr_decay not in LR_DECAYS:
-            raise ValueError(f"unknown lr decay {lr_decay!r}; choose from {', '.join(LR_DECAYS)}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose from "
-                             f"{', '.join(OPTIMIZERS)}")
-        try:
-            batches_per_epoch = len(data)  # type: ignore[arg-type]
-        except TypeError as exc:
-            raise ValueError("data must have a length (batches per epoch)") from exc
-        if batches_per_epoch <= 0:
-            raise ValueError("data yields no batches per epoch")
-
+        batches_per_epoch = _check_arguments(data, epochs, num_accum, lr, lr_decay, optimizer)
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -191,41 +225,28 @@ class Trainer:
         # An epoch's last partial group of micro-batches still makes an update.
         self.steps_per_epoch = -(-batches_per_epoch // self.num_accum)
         self.total_steps = self.epochs * self.steps_per_epoch
-        self.chkpt_dir = chkpt_dir
-        self.chkpt_name = chkpt_name
+        self.files = CheckpointFiles(chkpt_dir, chkpt_prefix) if chkpt_dir else None
         self.chkpt_intv = int(chkpt_intv or 0)
         self.chkpt_intv_steps = int(chkpt_intv_steps or 0)
+        self.chkpt_every_s = 60.0 * float(chkpt_every_minutes or 0.0)
         self.save_final = save_final
-        self.log_path = log_path
         self.log_every = max(int(log_every), 1)
+        self.runlog = RunLog(log_path, tensorboard_dir, is_main)
         self.progress = progress
         self.callbacks: list[Callback] = list(callbacks)
         self.config = dict(config or {})
         self.is_main = is_main
         self.rank = rank
         self.world_size = world_size
+        self.control_group = control_group
+        self.stop = stop
         self.amp_dtype = amp_dtype
         self.throughput_key = throughput_key
 
-        params = [p for p in unwrap(model).parameters() if p.requires_grad]
-        self.params = params
-        opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-        opt_kwargs: dict[str, Any] = {"lr": lr, "betas": tuple(betas),
-                                      "weight_decay": weight_decay}
-        if fused is not None:
-            opt_kwargs["fused"] = fused
-        self.optimizer = opt_cls(params, **opt_kwargs)
-        self.warmup_steps = int(warmup_steps)
-        self.lr_decay = lr_decay
-        self.min_lr_ratio = float(min_lr_ratio)
-        warmup, total, decay, floor = self.warmup_steps, self.total_steps, lr_decay, min_lr_ratio
-
-        def schedule(step: int) -> float:  # a plain function: LambdaLR then saves no state for it
-            return lr_factor(step, warmup, total, decay, floor)
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=schedule)
+        self.params = [p for p in unwrap(model).parameters() if p.requires_grad]
+        self._build_optimizer(optimizer, lr, betas, weight_decay, fused, warmup_steps,
+                              lr_decay, min_lr_ratio)
         self.ema = EMA(unwrap(model), ema_decay, warmup=ema_warmup) if ema_decay else None
-
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed) + int(rank))
 
@@ -238,10 +259,30 @@ class Trainer:
         self.micro_index = 0
         self.last_loss: float | None = None
         self.last_checkpoint: str | None = None
+        self.last_saved_step: int | None = None  # the step the newest checkpoint holds
+        self.stopped: int | None = None  # the signal that stopped the last `fit`, if any
+        self._control: RunControl | None = None
+        self._started = False
         self._reset_interval()
-        self._tb = None
-        self._tb_dir = tensorboard_dir
         self._pbar = None
+
+    def _build_optimizer(self, optimizer, lr, betas, weight_decay, fused, warmup_steps,
+                         lr_decay, min_lr_ratio) -> None:
+        opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+        opt_kwargs: dict[str, Any] = {"lr": lr, "betas": tuple(betas),
+                                      "weight_decay": weight_decay}
+        if fused is not None:
+            opt_kwargs["fused"] = fused
+        self.optimizer = opt_cls(self.params, **opt_kwargs)
+        self.warmup_steps = int(warmup_steps)
+        self.lr_decay = lr_decay
+        self.min_lr_ratio = float(min_lr_ratio)
+        warmup, total, decay, floor = self.warmup_steps, self.total_steps, lr_decay, min_lr_ratio
+
+        def schedule(step: int) -> float:  # a plain function: LambdaLR then saves no state for it
+            return lr_factor(step, warmup, total, decay, floor)
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=schedule)
 
     # ---- the parts a subclass may change -----------------------------------------------------
     def prepare_batch(self, batch: Any) -> torch.Tensor:
@@ -306,7 +347,7 @@ class Trainer:
             for p in self.params:
                 if p.grad is not None:
                     p.grad.mul_(self.num_accum / micro_batches)
-        log_now = (self.step + 1) % self.log_every == 0
+        log_now = not self._started or (self.step + 1) % self.log_every == 0
         if self.grad_clip > 0:
             self._grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         elif log_now:
@@ -317,12 +358,27 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(unwrap(self.model))
         self.step += 1
+        if not self._started:
+            self._started = True
+            for cb in self.callbacks:
+                cb.on_run_start(self)
         if log_now:
             self._log_interval()
         for cb in self.callbacks:
             cb.on_step_end(self)
+        self._after_update()
+
+    def _after_update(self) -> None:
+        """Rolling checkpoints by steps or time, and stop requests (the same on every process)."""
         if self.chkpt_intv_steps and self.step % self.chkpt_intv_steps == 0:
             self.save_checkpoint()
+        if self._control is None:
+            return
+        decision = self._control.poll()
+        if decision.save and self.last_saved_step != self.step:
+            self.save_checkpoint()
+        if decision.stop is not None:
+            self.stopped = decision.stop
 
     def _sync_loss(self) -> float | None:
         """Mean loss since the last sync (one host sync); raises on NaN/inf."""
@@ -330,7 +386,6 @@ class Trainer:
             return None
         loss = float(self._reduce(self._loss_sum / self._loss_count))
         self._check_finite(loss)
-        self.last_loss = loss
         return loss
 
     def _check_finite(self, loss: float) -> None:
@@ -342,8 +397,12 @@ class Trainer:
                 f"training stopped without saving; {where}. Try a lower --lr, gradient "
                 "clipping or LR warmup")
 
-    def _log_interval(self) -> None:
+    def _log_interval(self, final: bool = False) -> None:
+        """Log the interval since the last record; `final`: the end of `fit`, whose partial
+        interval does not replace `last_loss` (the epoch's mean is the better summary)."""
         loss = self._sync_loss()
+        if not final:
+            self.last_loss = loss
         elapsed = max(time.perf_counter() - self._t_start, 1e-9)
         record: dict[str, Any] = {
             "step": self.step,
@@ -361,29 +420,12 @@ class Trainer:
 
     def log_record(self, record: dict[str, Any]) -> None:
         """Append one JSON line to the log (and scalars to tensorboard); main process only."""
-        if not self.is_main:
-            return
-        record = {"time": round(time.time(), 3), **record}
-        if self.log_path:
-            os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        if self._tb_dir:
-            if self._tb is None:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    logger.info("tensorboard is not installed; writing the JSONL log only")
-                    self._tb_dir = None
-                    return
-                self._tb = SummaryWriter(self._tb_dir)
-            for key, value in record.items():
-                if key not in ("time", "step") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, record.get("step", self.step))
+        self.runlog.write(record, self.step)
 
     # ---- the loop ------------------------------------------------------------------------------
     def train_epoch(self, max_steps: int | None = None) -> float | None:
-        """Run (the rest of) the current epoch; returns its mean loss (None if no batch ran)."""
+        """Run (the rest of) the current epoch; returns its mean loss (None if it stopped
+        early: `max_steps` reached, or a stop requested)."""
         self.model.train()
         _set_epoch(self.data, self.epoch)
         epoch_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -410,8 +452,13 @@ class Trainer:
                 micro = 0
                 if self._pbar is not None:
                     self._pbar.update(1)
-                if max_steps is not None and self.step >= max_steps:
-                    return None
+                if self.stopped is not None or (max_steps is not None
+                                                and self.step >= max_steps):
+                    if self.batch_in_epoch < self.batches_per_epoch:
+                        return None
+        return self._end_epoch(epoch_loss_sum, epoch_batches)
+
+    def _end_epoch(self, epoch_loss_sum: torch.Tensor, epoch_batches: int) -> float | None:
         if self.batch_in_epoch < self.batches_per_epoch:
             raise RuntimeError(
                 f"the data gave {self.batch_in_epoch} batches in epoch {self.epoch + 1}, "
@@ -430,65 +477,95 @@ class Trainer:
             ) -> dict[str, Any]:
         """Train from the current counters to epoch `until_epoch` (default: `epochs`).
 
-        `max_steps` stops after that many updates in total (e.g. 1 for a dry run). Stopping
-        early with `until_epoch` does not change the LR schedule, so a run continued later
-        matches one that never stopped.
+        `max_steps` stops after that many updates in total (e.g. 1 for a dry run); a stop
+        signal (see `stop`) after the current update. Stopping early does not change the LR
+        schedule, so a run continued later matches one that never stopped.
         """
         until = self.epochs if until_epoch is None else min(int(until_epoch), self.epochs)
         start_step, t0 = self.step, time.perf_counter()
-        self._pbar = None
-        redirect = contextlib.nullcontext()
-        if self.progress and self.is_main:
-            from tqdm.auto import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            self._pbar = tqdm(total=self.total_steps, initial=self.step, unit="step",
-                              dynamic_ncols=True, desc="train")
-            redirect = logging_redirect_tqdm()
+        self.stopped, self._started = None, False
+        self._control = RunControl(self.stop, self.chkpt_every_s, self.control_group,
+                                   self.world_size, self.is_main)
         self._reset_interval()
         try:
-            with redirect:
+            with self._progress_bar():
                 for cb in self.callbacks:
                     cb.on_train_start(self)
-                while self.epoch < until:
-                    epoch_loss = self.train_epoch(max_steps=max_steps)
-                    if max_steps is not None and self.step >= max_steps:
-                        break
-                    if self.is_main:
-                        logger.info("epoch %d/%d  loss %.5f  lr %.3g  step %d", self.epoch,
-                                    self.epochs, epoch_loss if epoch_loss is not None else
-                                    float("nan"), self.optimizer.param_groups[0]["lr"],
-                                    self.step)
-                    for cb in self.callbacks:
-                        cb.on_epoch_end(self)
-                    if self.chkpt_intv and self.epoch % self.chkpt_intv == 0:
-                        self.save_checkpoint()
-                if self.save_final and self.chkpt_dir and self._needs_final_save():
+                self._run_epochs(until, max_steps)
+                if self._loss_count and self._started:
+                    self._log_interval(final=True)  # the last, partial interval
+                if self.files and self.last_saved_step != self.step \
+                        and (self.save_final or self.stopped is not None):
                     self.save_checkpoint()
                 for cb in self.callbacks:
                     cb.on_train_end(self)
         finally:
-            if self._pbar is not None:
-                self._pbar.close()
-            self._pbar = None
-            if self._tb is not None:
-                self._tb.flush()
+            self._control.close()
+            self._control = None
+            self.runlog.flush()
         return {"step": self.step, "epoch": self.epoch, "loss": self.last_loss,
                 "steps_run": self.step - start_step, "elapsed_s": time.perf_counter() - t0,
-                "checkpoint": self.last_checkpoint}
+                "checkpoint": self.last_checkpoint, "stopped": self.stopped}
 
-    def _needs_final_save(self) -> bool:
-        return self.last_checkpoint is None or self.last_checkpoint != self.checkpoint_path()
+    def _run_epochs(self, until: int, max_steps: int | None) -> None:
+        while self.epoch < until:
+            epoch_loss = self.train_epoch(max_steps=max_steps)
+            if self.batch_in_epoch == 0:  # the epoch completed
+                if self.is_main:
+                    logger.info("epoch %d/%d  loss %.5f  lr %.3g  step %d", self.epoch,
+                                self.epochs, epoch_loss if epoch_loss is not None else
+                                float("nan"), self.optimizer.param_groups[0]["lr"], self.step)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self)
+                if self.chkpt_intv and self.epoch % self.chkpt_intv == 0 \
+                        and self.last_saved_step != self.step:
+                    self.save_checkpoint()
+            if self.stopped is not None or (max_steps is not None and self.step >= max_steps):
+                return
+
+    @contextlib.contextmanager
+    def _progress_bar(self):
+        """A tqdm bar over all updates (main process only), logging routed around it."""
+        if not (self.progress and self.is_main):
+            yield
+            return
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._pbar = tqdm(total=self.total_steps, initial=self.step, unit="step",
+                          dynamic_ncols=True, desc="train")
+        try:
+            with logging_redirect_tqdm():
+                yield
+        finally:
+            self._pbar.close()
+            self._pbar = None
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def checkpoint_path(self) -> str | None:
-        if not self.chkpt_dir:
+        """Where the current state goes: the epoch's permanent file at an epoch boundary,
+        else a rolling file named by the step."""
+        if self.files is None:
             return None
-        return os.path.join(self.chkpt_dir,
-                            self.chkpt_name.format(epoch=self.epoch, step=self.step))
+        if self.batch_in_epoch == 0:
+            return self.files.permanent(self.epoch)
+        return self.files.rolling(self.step)
+
+    def _rng_state(self) -> dict[str, Any]:
+        """This process's RNG states, and with several processes every process's (a
+        collective), so each resumes its own dropout stream."""
+        mine = {"global": get_rng_state(), "trainer": self.generator.get_state()}
+        if self.world_size <= 1:
+            return mine
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.control_group)
+        return {**mine, "ranks": everyone}
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly; plain data and tensors only."""
+        """Everything needed to continue exactly; plain data and tensors only. (With several
+        processes every one must call it: the RNG states are gathered.)"""
         return {
             "kind": CHECKPOINT_KIND,
             "model": unwrap(self.model).state_dict(),
@@ -498,7 +575,8 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "rng": {"global": get_rng_state(), "trainer": self.generator.get_state()},
+            "world_size": self.world_size,
+            "rng": self._rng_state(),
             "config": self.config,
             "loss": self.last_loss,
         }
@@ -510,16 +588,7 @@ class Trainer:
             raise UserError(f"checkpoint lacks {', '.join(missing)}: it was not written by "
                             "this trainer, so training cannot resume from it")
         try:
-            unwrap(self.model).load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if state.get("scheduler") is not None:
-                self.scheduler.load_state_dict(state["scheduler"])
-            if self.ema is not None:
-                if state.get("ema") is not None:
-                    self.ema.load_state_dict(state["ema"])
-                else:
-                    logger.warning("checkpoint has no EMA weights; EMA restarts from the model")
-                    self.ema.model.load_state_dict(unwrap(self.model).state_dict())
+            self._load_weights(state)
         except (RuntimeError, ValueError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"checkpoint does not match this model or optimizer ({first}); "
@@ -528,32 +597,78 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
         self.last_loss = state.get("loss")
+        self.last_saved_step = self.step
         rng = state.get("rng") or {}
+        ranks = rng.get("ranks")
+        if isinstance(ranks, list) and len(ranks) == self.world_size:
+            rng = ranks[self.rank]  # this process's own streams
         if "global" in rng:
             set_rng_state(rng["global"])
         if "trainer" in rng:
             self.generator.set_state(rng["trainer"])
 
+    def _load_weights(self, state: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                logger.warning("checkpoint has no EMA weights; EMA restarts from the model")
+                self.ema.model.load_state_dict(unwrap(self.model).state_dict())
+
     def save_checkpoint(self, path: str | None = None) -> str | None:
-        """Write a checkpoint atomically (main process only); refuses non-finite weights."""
+        """Save the current state (atomically, by the main process; every process must call
+        this). Refuses non-finite weights; a failed write stops every process with the main
+        process's one-line reason. Returns the path (None without a checkpoint folder)."""
         path = path or self.checkpoint_path()
-        if path is None or not self.is_main:
+        if path is None:
             return None
+        state = self.state_dict()
+        problem: UserError | None = None
+        if self.is_main:
+            try:
+                self._check_savable()
+                save_checkpoint(state, path)
+                if self.files is not None and "_step" in os.path.basename(path):
+                    self.files.prune_rolling()
+            except UserError as exc:
+                problem = exc
+        self._agree_or_raise(problem)
+        self.last_checkpoint, self.last_saved_step = path, self.step
+        if self._control is not None:
+            self._control.saved()
+        if self.is_main:
+            logger.info("saved checkpoint %s", path)
+        return path
+
+    def _check_savable(self) -> None:
         if self._loss_count:
-            # This process's own mean loss: only the main process gets here, so a collective
-            # (all_reduce) would wait forever for the others.
+            # This process's own mean loss: a collective here would wait for the others.
             loss = float(self._loss_sum / self._loss_count)
             self._check_finite(loss)
-            self.last_loss = loss
         finite = torch.stack([p.detach().isfinite().all() for p in self.params]).all()
         if not bool(finite):
             raise NonFiniteLossError(
                 f"the weights hold NaN/inf at step {self.step}; not saving over good "
                 f"checkpoints (last good: {self.last_checkpoint or 'none'})")
-        save_checkpoint(self.state_dict(), path)
-        self.last_checkpoint = path
-        logger.info("saved checkpoint %s", path)
-        return path
+
+    def _agree_or_raise(self, problem: UserError | None) -> None:
+        """Every process learns whether the main process's save worked, and stops if not."""
+        failed = problem is not None
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(failed)], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
+            failed = bool(flag.item())
+        if problem is not None:
+            raise problem
+        if failed:
+            raise FollowerStop("stopping: the main process could not save the checkpoint "
+                               "(its message says why)")
 
     def resume(self, path: str) -> None:
         """Load a checkpoint file and continue from it."""

@@ -1,12 +1,20 @@
 """Atomic file writes: a temp file in the same folder, fsync, then rename over the target.
 
-A process killed at any moment leaves either the old file or the new one, never half of one.
+A process killed at any moment leaves either the old file or the new one, never half of one
+(plus at worst a hidden `.NAME.*.tmp`, which the next run of the same command removes). A write
+that fails (disk full, no permission, read-only file system) is a one-line UserError naming
+the path and the cause; the old file is untouched.
 """
 
+import errno
 import io
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Optional
+
+from ddpmkit.errors import UserError
+
+TEMP_SUFFIX = ".tmp"
 
 
 def _fsync_dir(folder: str) -> None:
@@ -28,6 +36,48 @@ def _umask() -> int:
     return mask
 
 
+def os_error_in(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind `exc`: torch.save reports a failed write as a RuntimeError from its
+    C++ writer ("unexpected pos", "file write failed") whose context is the OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_error(path: str, exc: BaseException) -> UserError:
+    """A one-line UserError for a failed write of `path`, naming the cause."""
+    os_error = os_error_in(exc)
+    if os_error is not None and os_error.errno is not None:
+        cause = os.strerror(os_error.errno)
+        code = errno.errorcode.get(os_error.errno, "")
+        cause = f"{cause} ({code})" if code else cause
+    else:
+        text = str(exc).strip().splitlines()
+        cause = text[0] if text else type(exc).__name__
+    return UserError(f"cannot write {path}: {cause}; nothing was replaced")
+
+
+def check_writable_folder(folder: str, what: str) -> None:
+    """Refuse, without writing anything, a folder that cannot be created or written: a file in
+    its place or in its path, or no write permission on it or its nearest existing parent."""
+    path = os.path.abspath(os.path.expanduser(folder))
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise UserError(f"{what} {folder}: {probe} is a file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        action = "write into" if probe == path else f"create folders in {probe} for"
+        raise UserError(f"{what} {folder}: no permission to {action} it; choose another path")
+
+
 def atomic_write(path: str, write: Callable[[io.BufferedWriter], None],
                  durable: bool = True) -> None:
     """Call `write(f)` on a temp file `.NAME.*.tmp` beside `path`, then rename it to `path`.
@@ -37,9 +87,12 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None],
     cost more than the image).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                                   suffix=TEMP_SUFFIX, dir=folder)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     try:
         # mkstemp makes the file owner-only; give it the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
@@ -49,11 +102,13 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None],
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, Exception) and os_error_in(exc) is not None:
+            raise write_error(path, exc) from exc
         raise
     if durable:
         _fsync_dir(folder)

@@ -1,0 +1,134 @@
+"""A training run's folder, kept safe: nothing is written until the run is known to start.
+
+`<chkpt-dir>/<exp-name>/` holds `config.json`, `log.jsonl`, `tensorboard/` and the checkpoints
+(`CheckpointFiles`). Before any work:
+- `preflight` refuses a folder that cannot be created or written (one line, no writes);
+- `resume_point` finds the checkpoint to continue from: `--chkpt-path`, else the file with the
+  highest step (damaged ones are reported and skipped; nothing restarts silently from zero);
+- `check_new_run` refuses a new run in a folder holding another run's checkpoints, unless
+  `overwrite`.
+Only after the first update succeeded (`on_run_start`) does the main process write: it removes
+the temp files of interrupted saves, sets damaged checkpoints aside, deletes the replaced run's
+files (with `overwrite`), drops the log records a resumed run will redo, and writes
+`config.json`. So a command that fails before that leaves the folder exactly as it was.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from typing import Any
+
+from ddpmkit.config import dump_json
+from ddpmkit.errors import UserError
+from ddpmkit.training.checkpoint import (
+    CheckpointFiles,
+    ResumePoint,
+    load_checkpoint,
+    newest_checkpoint,
+)
+from ddpmkit.training.trainer import Callback, Trainer
+from ddpmkit.utils.io import check_writable_folder
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+LOG_NAME = "log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+DAMAGED_SUFFIX = ".damaged"
+# Sample grids the trainer writes into the image folder: <epoch>.png and step<N>.png.
+_GRID_RE = re.compile(r"^(step)?\d+\.png$")
+
+
+class RunFolder(Callback):
+    """The files of one run (see the module doc). `config` is written as config.json."""
+
+    def __init__(self, folder: str, prefix: str, config: dict[str, Any],
+                 image_folder: str | None = None, config_name: str = CONFIG_NAME,
+                 log_name: str = LOG_NAME, image_pattern: re.Pattern = _GRID_RE):
+        self.folder = folder
+        self.files = CheckpointFiles(folder, prefix)
+        self.config = config
+        self.image_folder = image_folder
+        self.config_name, self.log_name, self.image_pattern = config_name, log_name, image_pattern
+        self.overwrite = False
+        self.resumed: ResumePoint | None = None
+        self.committed = False
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.folder, self.log_name)
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return os.path.join(self.folder, TENSORBOARD_DIR)
+
+    def preflight(self) -> None:
+        check_writable_folder(self.folder, "checkpoint folder")
+        if self.image_folder:
+            check_writable_folder(self.image_folder, "image folder")
+
+    def resume_point(self, path: str | None) -> ResumePoint | None:
+        """The state to continue from: `path`, else the newest good checkpoint of the folder
+        (None when it holds none)."""
+        if path:
+            self.resumed = ResumePoint(path, load_checkpoint(path, map_location="cpu"), [])
+        else:
+            self.resumed = newest_checkpoint(self.files.all())
+        if self.resumed is not None:
+            for damaged, reason in self.resumed.damaged:
+                logger.warning("skipping damaged checkpoint %s (%s); resuming from %s",
+                               damaged, reason, self.resumed.path)
+        return self.resumed
+
+    def check_new_run(self, overwrite: bool) -> None:
+        """A new run may not mix its checkpoints with another run's."""
+        existing = self.files.all()
+        if existing and not overwrite:
+            names = ", ".join(os.path.basename(p) for p in existing[:3])
+            more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+            raise UserError(
+                f"{self.folder} already holds another run's checkpoints ({names}{more}): pass "
+                "--resume to continue that run, --overwrite to replace it, or another "
+                "--exp-name / --chkpt-dir")
+        self.overwrite = overwrite and bool(existing)
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        if trainer.is_main and not self.committed:
+            self.commit(trainer)
+        self.committed = True
+
+    def commit(self, trainer: Trainer) -> None:
+        """The run has started: tidy the folder and record the config (main process)."""
+        os.makedirs(self.folder, exist_ok=True)
+        if self.image_folder:
+            os.makedirs(self.image_folder, exist_ok=True)
+        for path in self.files.stale_temp_files((self.config_name, self.log_name)):
+            os.unlink(path)
+            logger.info("removed %s, left by an interrupted save", path)
+        if self.overwrite:
+            self._remove_replaced_run()
+        if self.resumed is not None:
+            for path, _ in self.resumed.damaged:
+                if os.path.exists(path):
+                    os.replace(path, path + DAMAGED_SUFFIX)
+                    logger.warning("set %s aside as %s", path, path + DAMAGED_SUFFIX)
+            dropped = trainer.runlog.truncate_after(self.resumed.state["step"])
+            if dropped:
+                logger.info("log.jsonl: dropped %d record(s) after step %d, which this run "
+                            "redoes", dropped, self.resumed.state["step"])
+        dump_json(self.config, os.path.join(self.folder, self.config_name))
+
+    def _remove_replaced_run(self) -> None:
+        doomed = self.files.all() + [self.log_path]
+        doomed += glob.glob(os.path.join(self.tensorboard_dir, "events.out.tfevents.*"))
+        if self.image_folder and os.path.isdir(self.image_folder):
+            doomed += [os.path.join(self.image_folder, n) for n in os.listdir(self.image_folder)
+                       if self.image_pattern.match(n)]
+        for path in doomed:
+            if os.path.isfile(path):
+                os.unlink(path)
+        logger.warning("replacing the previous run in %s: removed its checkpoints, log and "
+                       "images", self.folder)
