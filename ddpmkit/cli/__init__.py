@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "train": "train",
     "generate": "generate",
     "eval": "eval",
+    "export": "export",
 }
 
 USAGE = "usage: ddpmkit {" + ",".join(SUBCOMMANDS) + "} [flags]   (ddpmkit SUBCOMMAND --help)"
