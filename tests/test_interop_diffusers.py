@@ -55,6 +55,25 @@ def test_folder_gives_the_same_network_output(tmp_path, config, one_thread):
     assert cfg["model"]["group_norm_eps"] == 1e-6 and cfg["dataset"]["resolution"] == size
 
 
+@pytest.mark.parametrize("config", [TINY_32, TINY_256], ids=["32px", "256px"])
+def test_the_mapping_is_exact_in_float64(tmp_path, config, monkeypatch, one_thread):
+    """Both compute the time embedding in float32 with different (equivalent) arithmetic,
+    which limits the agreement to ~1e-6; given diffusers' embedding, the rest agrees to float64
+    rounding."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    import ddpmkit.models.unet as unet_module
+
+    unet = save_model_folder(tmp_path, config).double()
+    model, _ = load_model_from_checkpoint(str(tmp_path))
+    monkeypatch.setattr(unet_module, "timestep_embedding", lambda t, dim: get_timestep_embedding(
+        t, dim, flip_sin_to_cos=False, downscale_freq_shift=1))
+    size = config["sample_size"]
+    x = torch.randn((len(TIMESTEPS), 3, size, size), dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_error(model.double()(x, TIMESTEPS), unet(x, TIMESTEPS).sample) < 1e-12
+
+
 @pytest.mark.parametrize("config, reference, tensors, params", [
     (CIFAR10_32, "ddpm-torch-unet-keys-cifar10.tsv", (328, 304), 35_746_307),
     (LAYOUT_256, "ddpm-torch-unet-keys-celebahq.tsv", (450, 426), 113_673_219),
