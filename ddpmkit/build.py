@@ -1,7 +1,11 @@
 """Config sections -> library objects, in one place (diffusion now; networks via their modules).
 
 The `diffusion` section uses the reference's keys: beta_schedule, beta_start, beta_end,
-timesteps, model_mean_type, model_var_type, loss_type.
+timesteps, model_mean_type, model_var_type, loss_type; and two of ddpmkit's own, both optional:
+- `beta_schedule: "custom"` with `betas`, a list of `timesteps` values in (0, 1) (what a
+  diffusers scheduler's `trained_betas` or `sigmoid` schedule becomes);
+- `clip_denoised`: whether samplers clip the predicted x_0 to [-1, 1] (default: yes for images;
+  a diffusers scheduler's `clip_sample`).
 """
 
 from typing import Any, Dict
@@ -18,16 +22,31 @@ DIFFUSION_DEFAULTS: Dict[str, Any] = {
     "model_var_type": "fixed-large",
     "loss_type": "mse",
 }
+CUSTOM_SCHEDULE = "custom"
+
+
+def _betas(cfg: Dict[str, Any]):
+    """betas (T,) named by the section: a schedule, or the explicit `betas` list of `custom`."""
+    if cfg["beta_schedule"] != CUSTOM_SCHEDULE:
+        return get_beta_schedule(cfg["beta_schedule"], cfg["timesteps"],
+                                 beta_start=cfg["beta_start"], beta_end=cfg["beta_end"])
+    betas = cfg.get("betas")
+    if not isinstance(betas, (list, tuple)) or len(betas) != cfg["timesteps"]:
+        raise ValueError(f"beta_schedule \"{CUSTOM_SCHEDULE}\" needs \"betas\", a list of "
+                         f"\"timesteps\" ({cfg['timesteps']}) numbers")
+    return [float(b) for b in betas]
 
 
 def build_diffusion(cfg: Dict[str, Any], decoder: str = "discretized") -> GaussianDiffusion:
     """A GaussianDiffusion from a `diffusion` config section; bad values become UserError."""
     cfg = {**DIFFUSION_DEFAULTS, **(cfg or {})}
+    clip = cfg.get("clip_denoised")
+    if clip is not None and not isinstance(clip, bool):
+        raise UserError(f"invalid diffusion settings: clip_denoised must be true or false, "
+                        f"got {clip!r}")
     try:
-        betas = get_beta_schedule(cfg["beta_schedule"], cfg["timesteps"],
-                                  beta_start=cfg["beta_start"], beta_end=cfg["beta_end"])
-        return GaussianDiffusion(betas, model_mean_type=cfg["model_mean_type"],
+        return GaussianDiffusion(_betas(cfg), model_mean_type=cfg["model_mean_type"],
                                  model_var_type=cfg["model_var_type"],
-                                 loss_type=cfg["loss_type"], decoder=decoder)
-    except ValueError as exc:
+                                 loss_type=cfg["loss_type"], decoder=decoder, clip_denoised=clip)
+    except (ValueError, TypeError) as exc:
         raise UserError(f"invalid diffusion settings: {exc}") from exc

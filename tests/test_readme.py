@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # how a README command names its subcommand module
 SCRIPTS = {"train.py": "train", "train_toy.py": "train_toy", "generate.py": "generate",
            "eval.py": "eval", "train": "train", "train-toy": "train_toy",
-           "generate": "generate", "eval": "eval"}
+           "generate": "generate", "eval": "eval", "export": "export"}
 
 
 def _blocks(language):
@@ -44,7 +44,8 @@ COMMANDS = _commands()
 
 
 def test_readme_has_the_commands_of_every_subcommand():
-    assert {module for module, _ in COMMANDS} == {"train", "train_toy", "generate", "eval"}
+    assert {module for module, _ in COMMANDS} == {"train", "train_toy", "generate", "eval",
+                                                  "export"}
     assert len(COMMANDS) >= 12
 
 

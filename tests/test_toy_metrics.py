@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpmkit.training.toy import NUM_TRUE_EVAL_POINTS
 from ddpmkit.data.toy import TOY_DATASETS, make_toy_data, toy_generator, toy_mixture
 from ddpmkit.metrics.toy import ToyEvaluator, histogram_kl, mode_stats
+from ddpmkit.training.toy import NUM_TRUE_EVAL_POINTS
 
 
 @pytest.mark.parametrize("name", TOY_DATASETS)

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "train": ("train", "train on images (one process, torchrun, or spawn)"),
     "generate": ("generate", "write samples as PNGs, grids, animations"),
     "eval": ("eval", "FID, precision/recall, KID, IS, bits/dim"),
+    "export": ("export", "a model as a diffusers pipeline folder or a .safetensors file"),
 }
 
 USAGE = ("usage: ddpmkit {" + ",".join(SUBCOMMANDS) + "} [flags]\n\n"

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "features move by float32 rounding only; compiling takes a minute)")
     g = p.add_argument_group("bits/dim (--metrics bpd): the variational bound of a checkpoint")
     g.add_argument("--chkpt-path", default=None, help="model checkpoint (ours or the "
-                   "reference project's)")
+                   "reference project's), .safetensors file, diffusers folder or Hub id")
     g.add_argument("--config-path", default=None, help="JSON config for checkpoints that carry "
                    "none (default: configs/<dataset>.json)")
     g.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
@@ -253,6 +253,14 @@ def evaluate(args: argparse.Namespace) -> int:
     return _report(args, results, sample_folder, features.num_images, ref, model.identity)
 
 
+def _checkpoint_name(spec: str | None) -> str | None:
+    """An absolute path for a local checkpoint, the id itself for a Hub id."""
+    if not spec:
+        return None
+    path = os.path.expanduser(spec)
+    return os.path.abspath(path) if os.path.exists(path) else spec
+
+
 def _report(args, results, sample_folder, num_samples, ref, extractor) -> int:
     """Print the results and append them as one JSON line to the metrics file."""
     for key, value in results.items():
@@ -266,15 +274,17 @@ def _report(args, results, sample_folder, num_samples, ref, extractor) -> int:
         "reference": ref.source if ref is not None else None,
         "num_reference": ref.num_images if ref is not None else None,
         "extractor": extractor,
-        "checkpoint": os.path.abspath(args.chkpt_path) if args.chkpt_path else None,
+        "checkpoint": _checkpoint_name(args.chkpt_path),
         "metrics": results,
     }
     if sample_folder:
         metrics_path = os.path.join(os.path.dirname(os.path.abspath(sample_folder)),
                                     METRICS_FILE)
-    else:  # bits/dim only: next to the checkpoint
-        metrics_path = os.path.join(os.path.dirname(os.path.abspath(args.chkpt_path)),
-                                    METRICS_FILE)
+    elif os.path.exists(os.path.expanduser(args.chkpt_path)):  # bits/dim only: beside it
+        metrics_path = os.path.join(
+            os.path.dirname(os.path.abspath(os.path.expanduser(args.chkpt_path))), METRICS_FILE)
+    else:  # a Hub id: not inside the Hugging Face cache
+        metrics_path = os.path.abspath(METRICS_FILE)
     with open(metrics_path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
     print(f"appended to {metrics_path}")

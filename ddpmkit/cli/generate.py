@@ -20,7 +20,6 @@ faster (1.6x for the CIFAR-10 UNet on one AMD EPYC core), elsewhere slower than 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import sys
@@ -63,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config file giving the architecture of a checkpoint without a config")
     p.add_argument("--chkpt-dir", default="./chkpts",
                    help="folder of ddpm_<dataset>.pt, used when --chkpt-path is not given")
-    p.add_argument("--chkpt-path", default="", help="checkpoint file")
+    p.add_argument("--chkpt-path", default="",
+                   help="checkpoint file (ddpmkit's, the reference's, .safetensors), diffusers "
+                        "model or pipeline folder, or Hugging Face Hub id (needs "
+                        "huggingface_hub)")
     p.add_argument("--save-dir", default="./images/eval",
                    help="the sample folder <dataset><suffix> is created in here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -136,16 +138,15 @@ def check_args(args: argparse.Namespace, typed: set[str]) -> None:
 
 
 def checkpoint_path(args: argparse.Namespace) -> str:
-    """--chkpt-path; else <chkpt-dir>/ddpm_<dataset>.pt (the reference's name), else the
+    """--chkpt-path (a file, a diffusers folder, or a Hub id: see ddpmkit.interop.sources);
+    else <chkpt-dir>/ddpm_<dataset>.pt (the reference's name), else the
     <chkpt-dir>/ddpm_<dataset>_*.pt holding the highest training step (what `ddpmkit train`
     writes)."""
+    from ddpmkit.interop.sources import resolve_checkpoint
     from ddpmkit.training.checkpoint import CheckpointFiles, newest_file
 
     if args.chkpt_path:
-        path = os.path.expanduser(args.chkpt_path)
-        if not os.path.isfile(path):
-            raise UserError(f"checkpoint {path!r} does not exist")
-        return path
+        return resolve_checkpoint(args.chkpt_path)
     folder = os.path.expanduser(args.chkpt_dir)
     path = os.path.join(folder, f"ddpm_{args.dataset}.pt")
     if os.path.isfile(path):
@@ -183,14 +184,6 @@ def rank_device(spec: str, env) -> "torch.device":  # noqa: F821 (torch is impor
     return resolve_device(f"cuda:{env.local_rank}")
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def output_paths(args: argparse.Namespace, dataset: str) -> dict[str, str]:
     name = f"{dataset}{args.suffix}"
     save_dir = os.path.expanduser(args.save_dir)
@@ -217,13 +210,13 @@ def run_process(args: argparse.Namespace, typed: set[str], env,
         make_denoise_fn,
         sample_indexed,
     )
+    from ddpmkit.interop.sources import checkpoint_digest, load_checkpoint_any
     from ddpmkit.models.loading import checkpoint_config, image_shape, model_from_checkpoint_dict
-    from ddpmkit.training.checkpoint import load_checkpoint
     from ddpmkit.utils.images import FrameRecorder, save_animation
 
     device = rank_device(args.device, env)
     path = checkpoint_path(args)
-    ckpt = load_checkpoint(path, map_location="cpu", allow_numpy_scalars=True)
+    ckpt = load_checkpoint_any(path)
     has_config = checkpoint_config(ckpt) is not None
     config = None if has_config else fallback_config(args, typed)
     if has_config and args.config_path:
@@ -255,7 +248,7 @@ def run_process(args: argparse.Namespace, typed: set[str], env,
     shape = image_shape(config)
     paths = output_paths(args, dataset)
     settings = {
-        "checkpoint_sha256": file_sha256(path), "use_ema": bool(args.use_ema),
+        "checkpoint_sha256": checkpoint_digest(path), "use_ema": bool(args.use_ema),
         "sampler": args.sampler, "steps": len(sampler.timesteps), "eta": args.eta,
         "skip_schedule": args.skip_schedule, "seed": args.seed, "precision": args.precision,
         "image_shape": list(shape), "noise": NOISE_VERSION,

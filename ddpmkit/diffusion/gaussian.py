@@ -68,11 +68,13 @@ class GaussianDiffusion:
 
     `decoder="discretized"` treats data as 8-bit pixels scaled to [-1, 1] (DDPM eq. 13) and clips
     predicted x_0 to [-1, 1] by default; `decoder="continuous"` (toy data) uses a Gaussian density
-    at t = 0 and no clipping.
+    at t = 0 and no clipping. `clip_denoised` overrides that default (a diffusers scheduler's
+    `clip_sample: false`).
     """
 
     def __init__(self, betas, model_mean_type: str = "eps", model_var_type: str = "fixed-large",
-                 loss_type: str = "mse", decoder: str = "discretized"):
+                 loss_type: str = "mse", decoder: str = "discretized",
+                 clip_denoised: Optional[bool] = None):
         self.model_mean_type = _choice(model_mean_type, MODEL_MEAN_TYPES, "model mean type")
         self.model_var_type = _choice(model_var_type, MODEL_VAR_TYPES, "model variance type")
         self.loss_type = _choice(loss_type, LOSS_TYPES, "loss type")
@@ -89,7 +91,7 @@ class GaussianDiffusion:
         if not np.all((betas > 0) & (betas < 1)):
             raise ValueError("every beta must lie in (0, 1)")
         self.T = len(betas)
-        self.clip_denoised = decoder == "discretized"
+        self.clip_denoised = decoder == "discretized" if clip_denoised is None else clip_denoised
 
         alphas = 1.0 - betas
         alphas_bar = np.cumprod(alphas)

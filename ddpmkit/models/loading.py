@@ -8,6 +8,7 @@ scalar is the only non-tensor object allowed):
   `optimizer`, `scheduler`, `epoch`, `loss`, `fid`; no config, so the architecture comes from
   `--dataset` / `--config-path` (a shipped `configs/<dataset>.json`).
 - bare state dicts (the reference's released `cifar10_2040.pt`).
+- through `ddpmkit.interop.sources`: .safetensors files, diffusers folders and Hub ids.
 Key prefixes `module.` (DDP), `_model.` (the reference's pixel-shuffle wrapper) and
 `_orig_mod.` (torch.compile) are stripped.
 """
@@ -21,7 +22,6 @@ import torch
 from torch import nn
 
 from ddpmkit.errors import UserError
-from ddpmkit.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,9 @@ def model_from_checkpoint_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any
 def load_model_from_checkpoint(path: str, config: Mapping[str, Any] | None = None,
                                use_ema: bool = False, device: Any = "cpu"):
     """(model in eval mode on `device`, resolved config) from a checkpoint file of ddpmkit or the
-    reference project. `config` supplies the architecture when the file has none."""
-    ckpt = load_checkpoint(path, map_location="cpu", allow_numpy_scalars=True)
+    reference project, a .safetensors file, a diffusers folder or a Hub id (see
+    `ddpmkit.interop.sources`). `config` supplies the architecture when the file has none."""
+    from ddpmkit.interop.sources import load_checkpoint_any, resolve_checkpoint
+
+    ckpt = load_checkpoint_any(resolve_checkpoint(path))
     return model_from_checkpoint_dict(ckpt, config, use_ema, device, source=repr(path))

@@ -1,0 +1,139 @@
+"""A trained model -> the formats other tools load: a diffusers pipeline folder, a .safetensors file.
+
+- `diffusers`: `OUT/model_index.json`, `OUT/unet/{config.json, diffusion_pytorch_model.safetensors}`
+  and `OUT/scheduler/scheduler_config.json` (a DDPMScheduler). `DDPMPipeline.from_pretrained(OUT)`,
+  `DDIMPipeline.from_pretrained(OUT)` and `UNet2DModel.from_pretrained(OUT, subfolder="unet")`
+  load it, and the UNet computes what ddpmkit's does (see `diffusers_format`). Refused, each
+  with a one-line reason: `block_size` > 1 (pixel shuffle), a `learned` variance, the `mean`
+  mean type. Exported with an exact conversion: `x_0` as prediction_type `sample`; beta
+  schedules diffusers has no name for (warmup10, warmup50, jsd, custom) as `trained_betas`.
+- `safetensors`: one file with the weights and the resolved config in its metadata (see
+  `safetensors_format`); ddpmkit's `--chkpt-path` loads it.
+One set of weights is exported: the EMA weights when the checkpoint has them (unless
+`use_ema=False`), else the raw ones. Nothing is written until everything has been checked, and
+the output appears at once (temp folder or file + rename), so a failed export leaves nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ddpmkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("diffusers", "safetensors")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: str
+    format: str
+    weights: str      # "ema", "model", or "unlabelled" (a bare state dict)
+    num_tensors: int
+
+
+def check_output(out: str, fmt: str, overwrite: bool) -> None:
+    """Refuse to replace existing output unless `overwrite` (an empty folder is fine)."""
+    if not os.path.lexists(out):
+        return
+    if fmt == "safetensors" and os.path.isdir(out):
+        raise UserError(f"{out!r} is a folder; --format safetensors writes one file: give its "
+                        "path (e.g. model.safetensors)")
+    if fmt == "diffusers" and os.path.isdir(out) and not os.listdir(out):
+        return
+    if not overwrite:
+        raise UserError(f"{out!r} already exists; pass --overwrite to replace it, or choose "
+                        "another output path")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def write_folder_atomically(out: str, write: Callable[[str], None]) -> None:
+    """`write(tmp)` fills a temp folder beside `out`, which then replaces `out` by renames."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
+    old = None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
+        if os.path.lexists(out):
+            old = tmp + ".old"
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if old is not None:
+                os.rename(old, out)  # put the previous output back
+                old = None
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+def _export_diffusers(out: str, state_dict: Mapping[str, Any], config: Mapping[str, Any]
+                      ) -> int:
+    from ddpmkit.interop.diffusers_folder import write_pipeline_folder
+    from ddpmkit.interop.diffusers_format import state_dict_to_diffusers, unet_config_from_model
+    from ddpmkit.interop.diffusers_scheduler import scheduler_config_from_diffusion
+    from ddpmkit.models.loading import image_shape
+
+    _, height, _ = image_shape(config)
+    unet_config = unet_config_from_model(config["model"], height)
+    scheduler_config = scheduler_config_from_diffusion(config.get("diffusion") or {})
+    tensors = state_dict_to_diffusers(state_dict, config["model"])
+    write_folder_atomically(
+        out, lambda tmp: write_pipeline_folder(tmp, unet_config, tensors, scheduler_config))
+    return len(tensors)
+
+
+def export_checkpoint(checkpoint: str, out: str, fmt: str, use_ema: bool | None = None,
+                      overwrite: bool = False, config: Mapping[str, Any] | None = None
+                      ) -> ExportResult:
+    """Export `checkpoint` (anything `--chkpt-path` accepts) to `out` in format `fmt`.
+
+    `use_ema`: None takes the EMA weights when present; `config` gives the architecture of
+    files that carry none (the reference project's).
+    """
+    from ddpmkit.interop.safetensors_format import save_weights
+    from ddpmkit.interop.sources import load_checkpoint_any, resolve_checkpoint
+    from ddpmkit.models.loading import is_state_dict, model_from_checkpoint_dict
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    check_output(out, fmt, overwrite)
+    ckpt = load_checkpoint_any(resolve_checkpoint(checkpoint))
+    bare = is_state_dict(ckpt)
+    if use_ema is None:
+        use_ema = not bare and ckpt.get("ema") is not None
+    model, config = model_from_checkpoint_dict(ckpt, config, use_ema, "cpu", repr(checkpoint))
+    weights = "unlabelled" if bare else ckpt.get("weights") or ("ema" if use_ema else "model")
+    state_dict = model.state_dict()
+    if fmt == "safetensors":
+        save_weights(out, state_dict, config, weights)
+        count = len(state_dict)
+    else:
+        count = _export_diffusers(out, state_dict, config)
+    log.info("exported %s weights of %s to %s (%s)", weights, checkpoint, out, fmt)
+    return ExportResult(os.path.abspath(out), fmt, weights, count)
