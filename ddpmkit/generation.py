@@ -296,7 +296,8 @@ def generate_to_folder(diffusion, denoise_fn, sampler, shape: Sequence[int], fol
     if progress and todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc="generating", unit="img", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc="generating", unit="img", dynamic_ncols=True,
+                   disable=None)  # no bar when stderr is not a terminal
     start = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers) if max_workers > 0 else None
     pending: deque = deque()

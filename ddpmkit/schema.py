@@ -183,9 +183,29 @@ def normalize(config: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
+# Names other projects use for keys of this schema, for "did you mean".
+COMMON_NAMES = {"learning_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs",
+                "num_timesteps": "timesteps", "warmup_steps": "warmup", "dropout": "drop_rate",
+                "channel_mult": "ch_multipliers", "attention": "apply_attn",
+                "ema": "use_ema", "image_size": "resolution", "num_steps": "max_steps"}
+
+
 def _did_you_mean(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    options = list(options)
+    if COMMON_NAMES.get(name) in options:
+        return f"; did you mean {COMMON_NAMES[name]!r}?"
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _elsewhere(name: str, section: str | None) -> str:
+    """A hint for a key that belongs to (or is close to a key of) another section."""
+    for other, keys in SCHEMA.items():
+        if other != section:
+            hint = _did_you_mean(name, keys) if name not in keys else f"; did you mean {name!r}?"
+            if hint:
+                return hint.replace("did you mean '", f"did you mean '{other}.")
+    return ""
 
 
 def _kind_error(key: Key, value: Any) -> str | None:
@@ -265,17 +285,18 @@ def check(config: Mapping[str, Any], source: str) -> dict[str, Any]:
             out[section] = body
             continue
         if section not in SCHEMA:
-            raise UserError(f"{source}: unknown section {section!r}; sections are "
-                            f"{', '.join(SCHEMA)}{_did_you_mean(section, SCHEMA)}")
+            hint = _did_you_mean(section, SCHEMA) or _elsewhere(section, None)
+            raise UserError(f"{source}: unknown section {section!r}{hint} (sections: "
+                            f"{', '.join(SCHEMA)})")
         if not isinstance(body, Mapping):
             raise UserError(f"{source}: section {section!r} must be a JSON object")
         keys = SCHEMA[section]
         checked = {}
         for name, value in body.items():
             if name not in keys:
-                others = {k for s in SCHEMA for k in SCHEMA[s] if s != section}
-                hint = _did_you_mean(name, keys) or (
-                    f"; {name!r} belongs in another section" if name in others else "")
+                exact = [o for o in SCHEMA if o != section and name in SCHEMA[o]]
+                hint = (f"; did you mean '{exact[0]}.{name}'?" if exact else
+                        _did_you_mean(name, keys) or _elsewhere(name, section))
                 raise UserError(f"{source}: unknown key {section}.{name}{hint} (see the "
                                 "README's config keys)")
             checked[name] = check_value(section, name, value, source)

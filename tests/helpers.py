@@ -1,6 +1,10 @@
 """Small things several test files share (plain values; fixtures live in conftest.py)."""
 
 import copy
+import pickle
+from pathlib import Path
+
+import numpy as np
 
 # A tiny image-model config (8x8 images, 16 channels, T = 10) for checkpoint and generation
 # tests; use `tiny_config()` for a copy that a test may change.
@@ -48,3 +52,34 @@ def rel_error(actual, expected):
     """||actual - expected|| / ||expected|| in float64 (one number for a whole output)."""
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     return float((actual - expected).norm() / expected.norm())
+
+
+# ---- image training on tiny models ----------------------------------------------------------
+# A UNet small enough for CPU tests: 32/64 channels, one res block, no attention, T = 20.
+TINY = ["--hid-channels", "32", "--ch-multipliers", "1,2", "--num-res-blocks", "1",
+        "--apply-attn", "0,0", "--drop-rate", "0", "--timesteps", "20", "--num-workers", "0",
+        "--num-save-images", "4", "--warmup", "2", "--log-intv", "1"]
+
+
+def write_fake_cifar(root: Path, per_batch: int = 8, seed: int = 0) -> Path:
+    """torchvision's cifar-10-batches-py layout with `per_batch` random images per file."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
+        entry = {b"data": data, b"labels": [int(v) for v in rng.integers(0, 10, per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    return root
+
+
+def run_args(tmp_path: Path, name: str = "run"):
+    return ["--chkpt-dir", str(tmp_path / "chkpts"), "--image-dir", str(tmp_path / "images"),
+            "--exp-name", name]
+
+
+def final_state(tmp_path: Path, name: str = "run"):
+    """The state with the highest step in a run folder (as --resume would pick it)."""
+    from ddpmkit.training.checkpoint import newest_checkpoint
+
+    return newest_checkpoint([str(p) for p in (tmp_path / "chkpts" / name).glob("*.pt")]).state

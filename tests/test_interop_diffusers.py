@@ -32,7 +32,7 @@ from ddpmkit.models.loading import load_model_from_checkpoint
 from ddpmkit.models.unet import build_model, count_parameters
 
 diffusers = pytest.importorskip("diffusers")
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
 TIMESTEPS = torch.tensor([0, 1, 500, 999])
 
 
@@ -92,8 +92,7 @@ def test_real_layouts_map_tensor_for_tensor(config, reference, tensors, params):
     assert count_parameters(model) == params == sum(p.numel() for p in unet.parameters())
     assert resolution == config["sample_size"]
     path = REFERENCE / reference
-    if not path.exists():
-        pytest.skip(f"{path} is absent")
+    assert path.exists(), f"{path} is missing from the repository"
     rows = [line.split("\t") for line in path.read_text().splitlines() if line[:1] != "#"]
     assert {k: v for k, v in rows} == {k: str(s) for k, s in shapes.items()}
 

@@ -22,14 +22,13 @@ from ddpmkit.models.loading import (
 from ddpmkit.training.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS_TSV = ROOT.parent / "shared" / "reference" / "ddpm-torch-unet-keys-cifar10.tsv"
+KEYS_TSV = ROOT / "tests" / "data" / "reference" / "ddpm-torch-unet-keys-cifar10.tsv"
 
 TINY_CONFIG = tiny_config()
 
 
 def _reference_keys():
-    if not KEYS_TSV.is_file():
-        pytest.skip(f"reference key list not found at {KEYS_TSV}")
+    assert KEYS_TSV.is_file(), f"reference key list {KEYS_TSV} is missing from the repository"
     rows = [line.split("\t") for line in KEYS_TSV.read_text().splitlines()
             if line and not line.startswith("#")]
     return [(name, ast.literal_eval(shape)) for name, shape in rows]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tarfile
@@ -11,41 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, final_state, run_args, write_fake_cifar
 
 from ddpmkit.cli.train import main
 from ddpmkit.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-
-# A UNet small enough for CPU tests: 32/64 channels, one res block, no attention, T = 20.
-TINY = ["--hid-channels", "32", "--ch-multipliers", "1,2", "--num-res-blocks", "1",
-        "--apply-attn", "0,0", "--drop-rate", "0", "--timesteps", "20", "--num-workers", "0",
-        "--num-save-images", "4", "--warmup", "2", "--log-intv", "1"]
-
-
-def write_fake_cifar(root: Path, per_batch: int = 8, seed: int = 0) -> Path:
-    """torchvision's cifar-10-batches-py layout with `per_batch` random images per file."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
-        entry = {b"data": data, b"labels": [int(v) for v in rng.integers(0, 10, per_batch)]}
-        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
-    return root
-
-
-def run_args(tmp_path: Path, name: str = "run"):
-    return ["--chkpt-dir", str(tmp_path / "chkpts"), "--image-dir", str(tmp_path / "images"),
-            "--exp-name", name]
-
-
-def final_state(tmp_path: Path, name: str = "run"):
-    folder = tmp_path / "chkpts" / name
-    newest = max(folder.glob("*.pt"), key=os.path.getmtime)
-    return load_checkpoint(str(newest))
-
 
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory):

@@ -213,7 +213,9 @@ def run_process(args: argparse.Namespace, typed: set[str], env,
     from ddpmkit.interop.sources import checkpoint_digest, load_checkpoint_any
     from ddpmkit.models.loading import checkpoint_config, image_shape, model_from_checkpoint_dict
     from ddpmkit.utils.images import FrameRecorder, save_animation
+    from ddpmkit.utils.io import check_writable_folder
 
+    check_writable_folder(args.save_dir, "--save-dir")
     device = rank_device(args.device, env)
     path = checkpoint_path(args)
     ckpt = load_checkpoint_any(path)

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 # dest of a flag -> (config section, key). Only these flags end up in the resolved config.
 FLAG_TO_CONFIG = {
+    "dataset": ("dataset", "name"),
     "root": ("dataset", "root"),
     "image_size": ("dataset", "resolution"),
     "random_flip": ("dataset", "random_flip"),
@@ -225,6 +226,9 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
                    help="steps between JSONL log lines")
     g.add_argument("--resume", action="store_true", help="continue the run from --chkpt-path, "
                    "or from the checkpoint of its folder with the highest step")
+    g.add_argument("--auto-resume", action="store_true",
+                   help="resume when the run folder holds a checkpoint, else start fresh (for "
+                        "jobs that a cluster requeues)")
     g.add_argument("--chkpt-path", default="", help="checkpoint to resume from (with --resume)")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in a folder that holds another run's checkpoints "
@@ -264,7 +268,7 @@ def _annotate_config_defaults(p: argparse.ArgumentParser) -> None:
     shipped = _shipped_values()
     for action in p._actions:  # argparse has no public iterator over its actions
         where = FLAG_TO_CONFIG.get(action.dest)
-        if where is None:
+        if where is None or where == ("dataset", "name"):
             continue
         section, key = where
         values = {name: cfg.get(section, {}).get(key) for name, cfg in shipped.items()}
@@ -363,12 +367,13 @@ def launch_options(args: argparse.Namespace) -> Dict[str, Any]:
     if args.chkpt_path and not args.resume:
         raise UserError("--chkpt-path names the checkpoint to resume from: add --resume, or "
                         "drop --chkpt-path to start a new run")
-    if args.resume and args.overwrite:
+    if (args.resume or args.auto_resume) and args.overwrite:
         raise UserError("--resume continues the run; --overwrite replaces it: pick one")
     return {
         "train_device": args.train_device, "eval_device": args.eval_device,
         "distributed": bool(args.distributed), "rigid_launch": bool(args.rigid_launch),
         "num_gpus": int(args.num_gpus), "resume": bool(args.resume),
+        "auto_resume": bool(args.auto_resume),
         "chkpt_path": os.path.expanduser(args.chkpt_path) if args.chkpt_path else None,
         "dry_run": bool(args.dry_run), "overwrite": bool(args.overwrite),
         "inception_weights": args.inception_weights, "precomputed_dir": args.precomputed_dir,

@@ -177,15 +177,16 @@ def prepare_run(config: Dict[str, Any], options: Dict[str, Any]) -> RunFolder:
     dirs = run_dirs(config)
     folder = RunFolder(dirs["chkpt"], config["run"]["chkpt_name"], config, dirs["images"])
     folder.preflight()
-    resume = options.get("resume") or _elastic_restart()
+    resume = options.get("resume") or options.get("auto_resume") or _elastic_restart()
     if resume:
         point = folder.resume_point(options.get("chkpt_path"))
         if point is None and options.get("resume"):
             raise UserError(f"--resume: no checkpoint found in {dirs['chkpt']}; pass "
-                            "--chkpt-path FILE or start without --resume")
+                            "--chkpt-path FILE, or --auto-resume to start fresh when there is "
+                            "none")
         if point is None:
-            logger.warning("restarted by torchrun before the first checkpoint: starting from "
-                           "step 0")
+            logger.warning("no checkpoint of this run yet in %s: starting from step 0",
+                           dirs["chkpt"])
             folder.check_new_run(overwrite=True)
         else:
             _check_same_architecture(point.state, config, point.path)

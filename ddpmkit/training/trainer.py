@@ -532,8 +532,9 @@ class Trainer:
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        # disable=None: no bar when stderr is not a terminal (cluster logs, pipes)
         self._pbar = tqdm(total=self.total_steps, initial=self.step, unit="step",
-                          dynamic_ncols=True, desc="train")
+                          dynamic_ncols=True, desc="train", disable=None)
         try:
             with logging_redirect_tqdm():
                 yield
