@@ -41,10 +41,26 @@ def setup_run(threads: Optional[int], device_spec: str, config: str):
     return device, path, load_json(path)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
+    """The GPU's name; for a CPU its model, what it offers the fast paths (AVX2, AVX512,
+    AVX512_BF16, AMX: bf16 is emulated, and slow, without the last two) and the threads."""
+    from ddpmkit.devices import cpu_capability
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return (f"CPU {cpu_model()} [{cpu_capability()}], {torch.get_num_threads()} threads")
 
 
 def peak_flops(device: torch.device, precision: str) -> Optional[float]:

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     count_flops,
+    device_name,
     peak_flops,
     peak_memory_mb,
     reset_peak_memory,
@@ -80,11 +81,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        where = f"{torch.get_num_threads()} CPU threads"
-    print(f"device: {device} ({where}), torch {torch.__version__}")
+    print(f"device: {device} ({device_name(device)}), torch {torch.__version__}")
 
     if args.inception_weights:
         model = load_fid_inception(args.inception_weights, device)

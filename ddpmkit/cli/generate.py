@@ -13,9 +13,9 @@ r, r + N, ...; gloo is used only for a final barrier); or the reference's `--num
 spawns N processes on cuda:0..N-1 (on a machine without CUDA, pass `--device cpu` to run N CPU
 processes instead).
 
-`--precision bf16` runs the network under bfloat16 autocast (the sampler's arithmetic stays
-float32). It is allowed on CPU too: on processors with native bf16 (AVX512-BF16 / AMX) it is
-faster (1.6x for the CIFAR-10 UNet on one AMD EPYC core), elsewhere slower than fp32.
+`--precision` (default auto) picks bf16 autocast (the sampler's arithmetic stays float32) on
+GPUs that support it and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32: CPUs without
+it emulate bf16, 3-100x slower than fp32.
 """
 from __future__ import annotations
 
@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "quadratic for dpm-solver++)")
     p.add_argument("--seed", type=int, default=0,
                    help="sample i's noise is a function of (seed, i)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="network precision (bf16: autocast; the sampler stays float32)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="network precision (bf16: autocast, the sampler stays float32; auto: "
+                        "bf16 on GPUs that support it and on CPUs with native bf16, else fp32)")
     add_speed_flags(p, "network (on CPUs with its weights frozen in: 1.2-1.3x there)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay the network as a CUDA graph (CUDA only; pays off for small "
@@ -202,6 +203,7 @@ def run_process(args: argparse.Namespace, typed: set[str], env,
     import torch
 
     from ddpmkit.build import build_diffusion
+    from ddpmkit.devices import resolve_precision
     from ddpmkit.diffusion.samplers import make_sampler
     from ddpmkit.generation import (
         NOISE_VERSION,
@@ -242,17 +244,18 @@ def run_process(args: argparse.Namespace, typed: set[str], env,
     if args.cuda_graph and device.type != "cuda":
         raise UserError(f"--cuda-graph needs a CUDA device, but this run uses {device}; "
                         "drop --cuda-graph or pass --device cuda")
-    if args.precision == "bf16" and device.type == "cpu":
-        log.info("bf16 autocast on CPU: faster than fp32 only with native bf16 (AVX512-BF16, AMX)")
+    precision = resolve_precision(args.precision, device)
+    if env.is_main:
+        log.info("precision %s (%s)", precision.name, precision.reason)
     channels_last = bool(args.channels_last)
-    denoise_fn = make_denoise_fn(model, args.precision, device, channels_last, args.compile,
+    denoise_fn = make_denoise_fn(model, precision.name, device, channels_last, args.compile,
                                  cuda_graph=args.cuda_graph)
     shape = image_shape(config)
     paths = output_paths(args, dataset)
     settings = {
         "checkpoint_sha256": checkpoint_digest(path), "use_ema": bool(args.use_ema),
         "sampler": args.sampler, "steps": len(sampler.timesteps), "eta": args.eta,
-        "skip_schedule": args.skip_schedule, "seed": args.seed, "precision": args.precision,
+        "skip_schedule": args.skip_schedule, "seed": args.seed, "precision": precision.name,
         "image_shape": list(shape), "noise": NOISE_VERSION,
     }
     check_manifest(paths["folder"], settings, write=env.is_main)

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ddpmkit.build import build_diffusion
-from ddpmkit.devices import compile_mode, compile_module, resolve_device
+from ddpmkit.devices import compile_mode, compile_module, resolve_device, resolve_precision
 from ddpmkit.errors import UserError, signal_name
 from ddpmkit.training import distributed as dist_utils
 from ddpmkit.training.preemption import StopFlag, exit_code
@@ -309,6 +309,10 @@ def train_worker(config: Dict[str, Any], options: Dict[str, Any]) -> int:
 
 def _train(config, options, info, device, stop: StopFlag) -> int:
     tr = config["train"]
+    precision = resolve_precision(tr.get("precision"), device)
+    tr["precision"] = precision.name  # the run's config records what was used
+    if info.is_main:
+        logger.info("precision %s (%s)", precision.name, precision.reason)
     torch.manual_seed(int(tr["seed"]) + info.rank)  # model init (overwritten on resume), dropout
     folder = prepare_run(config, options)
     loader, micro, num_images = _build_data(config, options, info, device)
