@@ -111,6 +111,24 @@ def test_a_second_ctrl_c_aborts_at_once(monkeypatch, capsys):
     assert "aborted by a second SIGINT" in capsys.readouterr().err
 
 
+def test_a_stop_during_epoch_end_work_stops_before_the_next_update(tmp_path):
+    from ddpmkit.data.toy import TensorBatches, make_toy_data, toy_generator
+    from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule
+    from ddpmkit.models.toy import ToyMLP
+    from ddpmkit.training.trainer import Trainer, make_callback
+
+    stop = StopFlag(announce=False)  # not installed: requested directly
+    diffusion = GaussianDiffusion(get_beta_schedule("linear", 10, 1e-3, 0.2), "eps",
+                                  "fixed-small", "mse", decoder="continuous")
+    data = TensorBatches(make_toy_data("gaussian8", 64, toy_generator(0)), 16, seed=0)
+    trainer = Trainer(ToyMLP(2, 8, 1), diffusion, data, epochs=3, progress=False, stop=stop,
+                      chkpt_dir=str(tmp_path), chkpt_prefix="toy",
+                      callbacks=[make_callback(on_epoch_end=lambda t: stop.request(15))])
+    result = trainer.fit()
+    assert result["stopped"] == 15 and (result["step"], result["epoch"]) == (4, 1)
+    assert os.listdir(tmp_path) == ["toy_1.pt"]
+
+
 def test_run_control_decides_saves_by_the_clock_once_each():
     now = [0.0]
     control = RunControl(every_s=10.0, clock=lambda: now[0])

@@ -128,6 +128,24 @@ class RunControl:
         signum, wanted = flags
         return Decision(save=wanted > self._saves, stop=signum or None)
 
+    def settle(self) -> Decision:
+        """The decision now, with a blocking exchange (at points every process reaches
+        together, such as an epoch's end after its sample grids and evaluation, which can take
+        minutes: a stop requested meanwhile is not left waiting for the next update)."""
+        flags = self._local_flags()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            tensor = torch.tensor(flags, dtype=torch.int64)
+            if self._pending is not None:
+                self._pending[0].wait()
+                tensor = torch.maximum(tensor, self._pending[1])
+                self._pending = None
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+            flags = [int(v) for v in tensor]
+        signum, wanted = flags
+        return Decision(save=wanted > self._saves, stop=signum or None)
+
     def saved(self) -> None:
         """A checkpoint was just written (by every process's count): the interval restarts."""
         self._saves += 1

@@ -520,6 +520,8 @@ class Trainer:
                 if self.chkpt_intv and self.epoch % self.chkpt_intv == 0 \
                         and self.last_saved_step != self.step:
                     self.save_checkpoint()
+                if self.stopped is None:  # a stop asked for during the epoch-end work
+                    self.stopped = self._control.settle().stop
             if self.stopped is not None or (max_steps is not None and self.step >= max_steps):
                 return
 
