@@ -249,6 +249,25 @@ def test_external_sigterm_and_double_ctrl_c(cifar_root, tmp_path):
     assert final_state(tmp_path)["step"] >= state["step"]  # whatever survived is whole
 
 
+def test_a_restarted_overwrite_replaces_the_old_run_until_it_has_started(
+        cifar_root, tmp_path, monkeypatch, caplog):
+    """torchrun restarts workers with the same flags: with --overwrite, a restart resumes
+    only the new run (its config.json is written at its first update), never the old one."""
+    assert main([*common(cifar_root, "--max-steps", "3", "--lr", "1e-3"),
+                 *run_args(tmp_path)]) == 0  # the old run
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    new_run = [*common(cifar_root, "--max-steps", "2", "--overwrite"), *run_args(tmp_path)]
+    caplog.clear()
+    assert main(new_run) == 0  # the first attempt "died" before it started: replace
+    assert not any("resumed from" in r.getMessage() for r in caplog.records)
+    assert final_state(tmp_path)["step"] == 2
+    caplog.clear()
+    assert main(new_run) == 0  # a later restart: the new run has started, so resume it
+    assert any("resumed from" in r.getMessage() and "step 2" in r.getMessage()
+               for r in caplog.records)
+    assert final_state(tmp_path)["step"] == 2
+
+
 # ---- stops by step count, and what resume picks ---------------------------------------------
 def test_max_steps_mid_epoch_saves_its_final_state(cifar_root, tmp_path, caplog):
     assert main([*common(cifar_root, "--epochs", "2", "--max-steps", "13"),

@@ -177,8 +177,12 @@ def prepare_run(config: Dict[str, Any], options: Dict[str, Any]) -> RunFolder:
     dirs = run_dirs(config)
     folder = RunFolder(dirs["chkpt"], config["run"]["chkpt_name"], config, dirs["images"])
     folder.preflight()
-    resume = options.get("resume") or options.get("auto_resume") or _elastic_restart()
-    if resume:
+    restarted = _elastic_restart()
+    if restarted and options.get("overwrite") and not folder.holds_config(config):
+        # The first attempt died before it replaced the old run: replace it now.
+        folder.check_new_run(overwrite=True)
+        return folder
+    if options.get("resume") or options.get("auto_resume") or restarted:
         point = folder.resume_point(options.get("chkpt_path"))
         if point is None and options.get("resume"):
             raise UserError(f"--resume: no checkpoint found in {dirs['chkpt']}; pass "

@@ -16,6 +16,7 @@ files (with `overwrite`), drops the log records a resumed run will redo, and wri
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -82,6 +83,15 @@ class RunFolder(Callback):
                 logger.warning("skipping damaged checkpoint %s (%s); resuming from %s",
                                damaged, reason, self.resumed.path)
         return self.resumed
+
+    def holds_config(self, config: dict[str, Any]) -> bool:
+        """Whether the folder's config.json is `config` (the run that wrote it is this one)."""
+        path = os.path.join(self.folder, self.config_name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f) == json.loads(json.dumps(config))
+        except (OSError, ValueError):
+            return False
 
     def check_new_run(self, overwrite: bool) -> None:
         """A new run may not mix its checkpoints with another run's."""
