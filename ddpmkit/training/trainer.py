@@ -508,7 +508,7 @@ class Trainer:
                 "checkpoint": self.last_checkpoint, "stopped": self.stopped}
 
     def _run_epochs(self, until: int, max_steps: int | None) -> None:
-        while self.epoch < until:
+        while self.epoch < until and (max_steps is None or self.step < max_steps):
             epoch_loss = self.train_epoch(max_steps=max_steps)
             if self.batch_in_epoch == 0:  # the epoch completed
                 if self.is_main:
