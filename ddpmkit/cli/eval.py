@@ -285,8 +285,12 @@ def _report(args, results, sample_folder, num_samples, ref, extractor) -> int:
             os.path.dirname(os.path.abspath(os.path.expanduser(args.chkpt_path))), METRICS_FILE)
     else:  # a Hub id: not inside the Hugging Face cache
         metrics_path = os.path.abspath(METRICS_FILE)
-    with open(metrics_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write {metrics_path}: {exc.strerror or exc}; the results "
+                        "are printed above") from exc
     print(f"appended to {metrics_path}")
     return 0
 
