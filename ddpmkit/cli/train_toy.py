@@ -39,7 +39,7 @@ SAMPLE_CHUNK = 65_536
 # points, the floor's reference points and the evaluation samples.
 SEED_EVAL_TRUE, SEED_EVAL_REF, SEED_SAMPLING = 1, 2, 3
 
-BETA_SCHEDULE_CHOICES = ("quad", "linear", "warmup10", "warmup50", "jsd", "cosine")
+BETA_SCHEDULE_CHOICES = ("quad", "linear", "warmup10", "warmup50", "jsd", "cosine", "const")
 
 # Recommended settings (see the README's toy section for what they buy and why). Applied as
 # defaults: flags the user typed still win.
