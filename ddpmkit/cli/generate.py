@@ -57,6 +57,10 @@ DEFAULT_DATASET = "cifar10"
 DEFAULT_STEPS = {"ddim": 50, "dpm-solver++": 20}
 PRECISIONS = ("fp32", "bf16")
 ANIMATION_FORMATS = ("webp", "gif")
+# DDIM's switches (ddpmkit.diffusion.samplers.DDIM_EPS_SOURCES / DDIM_STEP_TARGETS, spelled out
+# here so that --help needs no torch): "model" + "stride" reproduce diffusers' DDIMPipeline.
+DDIM_EPS_SOURCES = ("clipped", "model")
+DDIM_STEP_TARGETS = ("next", "stride")
 # Frames kept in an animation at most (DDPM has 1000 steps; a few seconds of video is enough).
 MAX_ANIMATION_FRAMES = 100
 # Long enough for the slowest process to finish its share after a resume, however uneven.
@@ -82,7 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dir", default="./images/eval",
                    help="the sample folder <dataset><suffix> is created in here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--use-ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--use-ema", action="store_true",
+                   help="demand the EMA weights (an error if the checkpoint has none); without "
+                        "it they are used whenever the checkpoint has them")
+    p.add_argument("--no-ema", action="store_true",
+                   help="use the raw weights even when the checkpoint has EMA weights")
+    p.add_argument("--group-norm-eps", type=float, default=None,
+                   help="GroupNorm epsilon of checkpoints without a config (the reference "
+                        "project's files): 1e-5, the default, for its released checkpoints; "
+                        "1e-6 for models trained with its code after 2023-07-16")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm: ancestral, all T steps; ddim: --steps of them, --eta noise; "
                         "dpm-solver++: 2nd-order multistep ODE solver for 10-25 steps")
@@ -93,8 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise scale: 0 deterministic, 1 like DDPM")
     p.add_argument("--skip-schedule", choices=SKIP_SCHEDULES, default=None,
-                   help="how ddim / dpm-solver++ space their steps (default: linear for ddim, "
-                   "quadratic for dpm-solver++)")
+                   help="how ddim / dpm-solver++ space their steps: linear (0, T/S, 2T/S, ...) "
+                   "and quadratic as the reference and the DDIM paper; linspace, leading, "
+                   "trailing as diffusers (default: linear for ddim, quadratic for "
+                   "dpm-solver++)")
+    p.add_argument("--ddim-eps-from", choices=DDIM_EPS_SOURCES, default=None,
+                   help="the eps a DDIM step uses once x_0 is clipped: re-derived from the "
+                        "clipped x_0 (clipped, the default) or the network's own (model, as "
+                        "diffusers' DDIMPipeline)")
+    p.add_argument("--ddim-step-to", choices=DDIM_STEP_TARGETS, default=None,
+                   help="where a DDIM step lands: the next evaluated timestep (next, the "
+                        "default) or t - T // S (stride, as diffusers' DDIMScheduler)")
     p.add_argument("--seed", type=int, default=0,
                    help="sample i's noise is a function of (seed, i)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -146,8 +167,15 @@ def check_args(args: argparse.Namespace, typed: set[str]) -> None:
             raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.eta < 0:
         raise UserError(f"--eta must be >= 0, got {args.eta}")
+    if args.use_ema and args.no_ema:
+        raise UserError("--use-ema and --no-ema contradict each other; give one")
+    if args.group_norm_eps is not None and not args.group_norm_eps > 0:
+        raise UserError(f"--group-norm-eps must be positive, got {args.group_norm_eps}")
     if "eta" in typed and args.sampler != "ddim" and args.eta != 0:
         raise UserError(f"--eta applies to ddim only, not to {args.sampler}")
+    if (args.ddim_eps_from or args.ddim_step_to) and args.sampler != "ddim":
+        raise UserError(f"--ddim-eps-from / --ddim-step-to apply to ddim only, not to "
+                        f"{args.sampler}")
 
 
 def checkpoint_path(args: argparse.Namespace) -> str:
@@ -216,7 +244,12 @@ def output_paths(args: argparse.Namespace, dataset: str) -> dict[str, str]:
 def run_process(args: argparse.Namespace, typed: set[str], env: DistEnv) -> dict[str, Any]:
     """This process's share of the samples (and, on rank 0, the animation)."""
     from ddpmkit.build import build_diffusion
-    from ddpmkit.models.loading import checkpoint_config, image_shape, model_from_checkpoint_dict
+    from ddpmkit.models.loading import (
+        checkpoint_config,
+        choose_weights,
+        image_shape,
+        model_from_checkpoint_dict,
+    )
     from ddpmkit.training.checkpoint import load_checkpoint
     from ddpmkit.utils.images import FrameRecorder, save_animation
 
@@ -227,7 +260,10 @@ def run_process(args: argparse.Namespace, typed: set[str], env: DistEnv) -> dict
     config = None if has_config else fallback_config(args, typed)
     if has_config and args.config_path:
         log.warning("%s carries its own config; --config-path is not used", path)
-    model, config = model_from_checkpoint_dict(ckpt, config, args.use_ema, device, repr(path))
+    use_ema = True if args.use_ema else False if args.no_ema else None  # None: EMA if present
+    weights = choose_weights(ckpt, use_ema, repr(path))
+    model, config = model_from_checkpoint_dict(ckpt, config, use_ema, device, repr(path),
+                                               group_norm_eps=args.group_norm_eps)
     del ckpt
     dataset = (config.get("dataset") or {}).get("name") or args.dataset
     if has_config and "dataset" in typed and args.dataset != dataset:
@@ -237,7 +273,8 @@ def run_process(args: argparse.Namespace, typed: set[str], env: DistEnv) -> dict
     steps = args.steps or DEFAULT_STEPS.get(args.sampler)
     try:
         sampler = make_sampler(diffusion, args.sampler, steps=steps, eta=args.eta,
-                               skip_schedule=args.skip_schedule)
+                               skip_schedule=args.skip_schedule, eps_from=args.ddim_eps_from,
+                               step_to=args.ddim_step_to)
     except ValueError as exc:
         raise UserError(f"--sampler {args.sampler}: {exc}") from exc
     if args.cuda_graph and args.compile == "reduce-overhead":
@@ -254,11 +291,14 @@ def run_process(args: argparse.Namespace, typed: set[str], env: DistEnv) -> dict
     shape = image_shape(config)
     paths = output_paths(args, dataset)
     settings = {
-        "checkpoint_sha256": file_sha256(path), "use_ema": bool(args.use_ema),
+        "checkpoint_sha256": file_sha256(path), "use_ema": weights == "ema",
         "sampler": args.sampler, "steps": len(sampler.timesteps), "eta": args.eta,
         "skip_schedule": args.skip_schedule, "seed": args.seed, "precision": args.precision,
         "image_shape": list(shape), "noise": NOISE_VERSION,
     }
+    if args.sampler == "ddim":  # what `linear` means changed once: record the steps themselves
+        settings.update(timesteps=sampler.timesteps.tolist(), ddim_eps_from=sampler.eps_from,
+                        ddim_step_to=sampler.step_to)
     check_manifest(paths["folder"], settings, write=env.is_main)
     if env.is_main:
         log.info("%s sampler, %d steps, %d samples of %s -> %s (%d process(es), %s)",
