@@ -70,8 +70,6 @@ def get_beta_schedule(name: str, T: int, beta_start: float = 1e-4,
     return np.minimum(betas, MAX_BETA)
 
 
-
-
 # The DDIM paper's quadratic spacing ends at 0.8 T (its section D.2).
 DDIM_QUADRATIC_END = 0.8
 
