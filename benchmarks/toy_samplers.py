@@ -21,7 +21,13 @@ import time
 import torch
 
 from ddpmkit.data.toy import make_toy_data, toy_generator, toy_mixture
-from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule, make_sampler, sample
+from ddpmkit.diffusion import (
+    SKIP_SCHEDULES,
+    GaussianDiffusion,
+    get_beta_schedule,
+    make_sampler,
+    sample,
+)
 from ddpmkit.metrics.toy import ToyEvaluator
 from ddpmkit.models.toy import ToyMLP
 from ddpmkit.utils.images import write_file_atomic
@@ -41,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-points", type=int, default=10000, help="samples per sampler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-schedule", default="default",
-                   choices=("default", "linear", "quadratic"),
+                   choices=("default",) + SKIP_SCHEDULES,
                    help="step spacing of ddim and dpm-solver++ (default: each sampler's own, "
                    "linear for ddim, time-quadratic for dpm-solver++)")
     p.add_argument("--model-cache", default=None,

@@ -5,13 +5,24 @@ that implement each choice take their tuple from here, so the two cannot drift a
 """
 
 # diffusion (ddpmkit.diffusion)
-BETA_SCHEDULES = ("linear", "quad", "warmup10", "warmup50", "jsd", "cosine")
-SKIP_SCHEDULES = ("linear", "quadratic")
+BETA_SCHEDULES = ("linear", "quad", "warmup10", "warmup50", "jsd", "cosine", "const")
+# DDIM step spacing. linear / quadratic: the reference's and the DDIM paper's; linspace /
+# leading / trailing: diffusers' `timestep_spacing` values (linspace is what ddpmkit called
+# linear until it took the reference's meaning).
+SKIP_SCHEDULES = ("linear", "quadratic", "linspace", "leading", "trailing")
 MODEL_MEAN_TYPES = ("eps", "x_0", "mean")
 MODEL_VAR_TYPES = ("fixed-small", "fixed-large", "learned")
 LOSS_TYPES = ("mse", "kl")
 DECODERS = ("discretized", "continuous")
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+# Which eps a DDIM step moves along once x_0 is clipped: "clipped" re-derives it from the
+# clipped x_0 (ddpmkit, the reference, GLIDE; diffusers' use_clipped_model_output=True);
+# "model" keeps the network's own (diffusers' DDIMPipeline default). Equal without clipping.
+DDIM_EPS_SOURCES = ("clipped", "model")
+# Where a DDIM step lands: "next" at the next evaluated timestep (clean data after the last);
+# "stride" at t - T // S, as diffusers' DDIMScheduler computes it whatever the spacing (the
+# same for `linear` / `leading`, and for `trailing` when S divides T).
+DDIM_STEP_TARGETS = ("next", "stride")
 
 # data (ddpmkit.data)
 IMAGE_DATASETS = ("mnist", "cifar10", "celeba", "celebahq", "folder")

@@ -10,9 +10,10 @@ Known, documented differences:
   first entry by beta~_1. No noise is added at t = 0, so samples agree; the variances differ at
   t = 0 only (checked below).
 - diffusers' `learned` variance is a variance; ours is a log-variance.
-- DDIMScheduler derives the next step as t - T // num_inference_steps. Our sub-sequences are
-  compared by choosing num_inference_steps so that this stride is ours, and diffusers' own
-  "leading" sub-sequence by handing it to our sampler.
+- DDIMScheduler derives the next step as t - T // num_inference_steps. Here our default
+  ("linear", the reference's spacing, which is diffusers' "leading" when S divides T) is
+  compared with it; test_diffusion_parity.py runs every diffusers spacing with the sampler
+  switches that reproduce DDIMPipeline.
 """
 
 import numpy as np
@@ -192,15 +193,15 @@ def _noises(n, shape):
 @pytest.mark.parametrize("mean_type,clip", [("eps", False), ("x_0", False), ("eps", True)])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_on_our_subsequence_matches_ddim_scheduler(eta, mean_type, clip):
-    """Ours T=1000, S=10 linear is 0, 111, ..., 999; diffusers steps to t - T // n, so n = 9
-    makes its stride 111. clip: diffusers re-derives eps from the clipped x_0 only with
-    use_clipped_model_output=True, which is what ours does."""
+    """Ours T=1000, S=10 linear is 0, 100, ..., 900; diffusers steps to t - T // S, the same
+    stride. clip: diffusers re-derives eps from the clipped x_0 only with
+    use_clipped_model_output=True, which is what ours does by default."""
     T, S = 1000, 10
     ours = GaussianDiffusion(get_beta_schedule("linear", T), mean_type, "fixed-small", "mse",
                              decoder="discretized" if clip else "continuous")
     sampler = make_sampler(ours, "ddim", steps=S, eta=eta)
     theirs = _ddim_scheduler(ours, mean_type, clip)
-    theirs.set_timesteps(S - 1)
+    theirs.set_timesteps(S)
     strides = -np.diff(sampler.timesteps)
     assert np.all(strides == T // theirs.num_inference_steps) and sampler.timesteps[-1] == 0
     fn = _fn(T)
@@ -222,8 +223,9 @@ def test_ddim_on_diffusers_leading_subsequence_matches(eta):
     leading = theirs.timesteps.numpy()
     np.testing.assert_array_equal(leading, np.arange(900, -1, -100))
     sampler = make_sampler(ours, "ddim", steps=S, eta=eta)
-    assert not np.array_equal(sampler.timesteps, leading)  # ours reaches t = T - 1
-    sampler.timesteps = leading.copy()
+    np.testing.assert_array_equal(sampler.timesteps, leading)  # linear: the reference's steps
+    np.testing.assert_array_equal(
+        make_sampler(ours, "ddim", steps=S, skip_schedule="leading").timesteps, leading)
     fn = _fn(T)
     x_T = _x_T((3, 5))
     noises = _noises(S, x_T.shape)
@@ -238,7 +240,7 @@ def test_ddim_in_float32_matches_ddim_scheduler():
                              decoder="continuous")
     theirs = diffusers.DDIMScheduler(num_train_timesteps=T, trained_betas=ours.betas,
                                      clip_sample=False, set_alpha_to_one=True)
-    theirs.set_timesteps(S - 1)
+    theirs.set_timesteps(S)
     sampler = make_sampler(ours, "ddim", steps=S, eta=0.0)
     fn = _fn(T)
     x_T = _x_T((3, 5), dtype=torch.float32)
@@ -253,21 +255,18 @@ def test_ddim_in_float32_matches_ddim_scheduler():
 @pytest.mark.parametrize("mean_type", ["eps", "x_0"])
 @pytest.mark.parametrize("S", [10, 20, 25, 30])
 def test_dpm_solver_pp_matches_dpm_solver_multistep_scheduler(S, mean_type):
-    """Ours evaluates ddim_timesteps(T, S + 1) without 0, descending; diffusers' "linspace"
-    spacing rounds half to even and so differs for some S (30 at T = 1000): there the scheduler
-    gets our timesteps explicitly. diffusers computes the update in float32."""
+    """Ours evaluates ddim_timesteps(T, S + 1, "linspace") without 0, descending: diffusers'
+    "linspace" spacing, rounded half to even as diffusers does (S = 30 at T = 1000 has ties).
+    diffusers computes the update in float32."""
     T = 1000
     ours = GaussianDiffusion(get_beta_schedule("linear", T), mean_type, "fixed-small", "mse",
                              decoder="continuous")
-    sampler = make_sampler(ours, "dpm-solver++", steps=S, skip_schedule="linear")
+    sampler = make_sampler(ours, "dpm-solver++", steps=S, skip_schedule="linspace")
     theirs = diffusers.DPMSolverMultistepScheduler(
         num_train_timesteps=T, trained_betas=ours.betas, algorithm_type="dpmsolver++",
         solver_order=2, final_sigmas_type="zero", lower_order_final=True,
         timestep_spacing="linspace", prediction_type=MEAN_TO_PREDICTION[mean_type])
     theirs.set_timesteps(S)
-    if S == 30:
-        assert not np.array_equal(theirs.timesteps.numpy(), sampler.timesteps)
-        theirs.set_timesteps(timesteps=[int(t) for t in sampler.timesteps])
     np.testing.assert_array_equal(theirs.timesteps.numpy(), sampler.timesteps)
 
     fn = GaussianData(ours.alphas_bar)(mean_type)

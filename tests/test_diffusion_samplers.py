@@ -26,6 +26,7 @@ from ddpmkit.diffusion import (
     get_beta_schedule,
     make_sampler,
     sample,
+    solver_timesteps,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,7 +193,7 @@ def test_ddpm_step_is_algorithm_2(mean_type, var_type):
 
 
 @pytest.mark.parametrize("clip", [False, True])
-@pytest.mark.parametrize("skip", ["linear", "quadratic"])
+@pytest.mark.parametrize("skip", ["linear", "quadratic", "linspace", "leading", "trailing"])
 @pytest.mark.parametrize("eta", [0.0, 0.4, 1.0])
 def test_ddim_step_is_eq_12_with_sigma_from_eq_16(eta, skip, clip):
     T, S = 50, 7
@@ -215,7 +216,7 @@ def test_ddim_step_is_eq_12_with_sigma_from_eq_16(eta, skip, clip):
         assert sampler.needs_noise(i) == (eta > 0 and t_next >= 0)
 
 
-@pytest.mark.parametrize("skip", ["linear", "quadratic"])
+@pytest.mark.parametrize("skip", ["linspace", "quadratic"])
 @pytest.mark.parametrize("S", [1, 2, 5, 12, 49])
 def test_dpm_solver_pp_2m_is_algorithm_2(S, skip):
     T = 50
@@ -226,7 +227,7 @@ def test_dpm_solver_pp_2m_is_algorithm_2(S, skip):
     assert isinstance(sampler, DPMSolverPPSampler)
     # S evaluations at the S + 1 sub-sequence points but t = 0, from the top down; its
     # quadratic spacing spans all of [0, T-1] (time-quadratic), not DDIM's [0, 0.8 T]
-    expected_steps = ddim_timesteps(T, S + 1, skip, quadratic_end=1.0)[1:][::-1]
+    expected_steps = solver_timesteps(T, S, skip)[1:][::-1]
     np.testing.assert_array_equal(sampler.timesteps, expected_steps)
     assert len(sampler.timesteps) == S and sampler.timesteps[0] == T - 1
     fn = _smooth_fn(T)
@@ -275,7 +276,8 @@ def test_ddim_eta_1_on_every_step_is_ddpm_fixed_small(name, T, shape, seed):
 
 @PROPERTY
 @given(name=st.sampled_from(SCHEDULE_NAMES), T=st.integers(2, 60), frac=st.floats(0, 1),
-       skip=st.sampled_from(["linear", "quadratic"]), seed=st.integers(0, 2 ** 31 - 1))
+       skip=st.sampled_from(["linear", "quadratic", "linspace", "leading", "trailing"]),
+       seed=st.integers(0, 2 ** 31 - 1))
 def test_ddim_eta_0_is_deterministic_given_x_T(name, T, frac, skip, seed):
     S = 1 + int(frac * (T - 1))
     d = GaussianDiffusion(get_beta_schedule(name, T), "eps", "fixed-large", "mse")
@@ -449,7 +451,7 @@ def test_dpm_solver_pp_is_higher_order_than_ddim(analytic):
     errs = {}
     for name in ("ddim", "dpm-solver++"):
         for S in (25, 50):
-            sampler = make_sampler(d, name, steps=S, skip_schedule="linear")
+            sampler = make_sampler(d, name, steps=S, skip_schedule="linspace")
             x = sample(d, data.eps, sampler, x_T, clip_denoised=False)
             errs[name, S] = _rms(x, ddim_all)
     ratio_ddim = errs["ddim", 25] / errs["ddim", 50]

@@ -2,7 +2,9 @@
 
 The references here are written from the papers in float64 (DDPM, Ho et al. 2020, eq. 4 and 7;
 the official DDPM code's `get_beta_schedule`; Improved DDPM, Nichol & Dhariwal 2021, eq. 17;
-DDIM, Song et al. 2021, section D.2) and share no code with the library.
+DDIM, Song et al. 2021, section D.2; the reference project's `const`) and share no code with
+the library. The sub-sequences' agreement with the reference and diffusers is in
+test_diffusion_parity.py.
 """
 
 import math
@@ -26,8 +28,8 @@ from ddpmkit.diffusion import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCHEDULE_NAMES = ("linear", "quad", "warmup10", "warmup50", "jsd", "cosine")
-SKIP_NAMES = ("linear", "quadratic")
+SCHEDULE_NAMES = ("linear", "quad", "warmup10", "warmup50", "jsd", "cosine", "const")
+SKIP_NAMES = ("linear", "quadratic", "linspace", "leading", "trailing")
 MAX_BETA = 0.999        # the clip every schedule applies (Improved DDPM, section 3.2)
 COSINE_S = 0.008        # Improved DDPM eq. 17 offset
 
@@ -57,6 +59,8 @@ def ref_betas(name, T, beta_start=1e-4, beta_end=0.02):
         def f(t):
             return math.cos((t / T + COSINE_S) / (1 + COSINE_S) * math.pi / 2) ** 2
         betas = [1.0 - f(i + 1) / f(i) for i in range(T)]  # 1 - alphas_bar_t / alphas_bar_{t-1}
+    elif name == "const":
+        betas = [beta_end] * T
     else:
         raise AssertionError(name)
     return np.minimum(np.array(betas, dtype=np.float64), MAX_BETA)
@@ -275,19 +279,25 @@ def test_ddim_subsequence_has_exactly_S_increasing_steps(T_S, kind):
     if S == 1:  # a single step starts from the noisiest step
         assert steps.tolist() == [T - 1]
         return
-    assert steps[0] == 0
+    if kind == "trailing":  # from the top down in steps of T / S, rounded, minus one
+        assert abs(steps[0] - (T / S - 1)) <= 0.5 + 1e-9 and steps[-1] == T - 1
+    else:
+        assert steps[0] == 0
     if kind == "linear":
+        # floor(i T / S): the reference's range(0, T, T // S) when S divides T
+        assert steps.tolist() == [i * T // S for i in range(S)]
+    elif kind == "linspace":
         # Evenly spaced from 0 to T-1: each step is the nearest integer to i (T-1) / (S-1).
         ideal = np.array([Fraction(i * (T - 1), max(S - 1, 1)) for i in range(S)], dtype=float)
         assert np.all(np.abs(steps - ideal) <= 0.5 + 1e-9)
-    else:
+    elif kind == "quadratic":
         # i^2 spacing up to 0.8 T (DDIM D.2). Where plain rounding already gives distinct steps
-        # below T, nothing needs nudging and the steps are that rounding.
+        # below T, nothing needs nudging and the steps are that rounding (up to ties).
         ideal = np.array([float(Fraction(i * i * 4 * T, 5 * max(S - 1, 1) ** 2))
                           for i in range(S)])
         rounded = np.floor(ideal + 0.5)
-        if np.all(np.diff(rounded) > 0) and rounded[-1] < T:
-            assert np.all(np.abs(steps - ideal) <= 0.5 + 1e-9)
+        if np.all(np.diff(rounded) > 1) and rounded[-1] < T:
+            assert np.all(np.abs(steps - ideal) <= 0.5 + 1e-4)
 
 
 @pytest.mark.parametrize("kind", SKIP_NAMES)
@@ -300,11 +310,17 @@ def test_ddim_subsequence_regressions_at_T_1000(S, kind):
     assert len(np.unique(steps)) == S
     if S == 1000:
         np.testing.assert_array_equal(steps, np.arange(1000))
+    if kind in ("linspace", "trailing") and S > 1:
+        assert steps[-1] == 999 and steps[0] == (0 if kind == "linspace" else 1000 // S - 1)
     if kind == "linear" and S > 1:
-        assert steps[0] == 0 and steps[-1] == 999
+        assert steps[0] == 0 and steps[-1] == (S - 1) * 1000 // S
+    if kind == "leading" and S > 1:
+        assert steps[0] == 0 and steps[-1] == (S - 1) * (1000 // S)
 
 
 def test_quadratic_subsequence_is_denser_near_zero():
     lin, quad = ddim_timesteps(1000, 10, "linear"), ddim_timesteps(1000, 10, "quadratic")
     assert quad[1] < lin[1] and quad[-1] == 800  # 0.8 T, as in DDIM section D.2
-    np.testing.assert_array_equal(lin, [0, 111, 222, 333, 444, 555, 666, 777, 888, 999])
+    np.testing.assert_array_equal(lin, [0, 100, 200, 300, 400, 500, 600, 700, 800, 900])
+    np.testing.assert_array_equal(ddim_timesteps(1000, 10, "linspace"),
+                                  [0, 111, 222, 333, 444, 555, 666, 777, 888, 999])

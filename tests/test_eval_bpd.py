@@ -62,3 +62,28 @@ def test_bpd_cli_matches_the_library_and_is_plausible(trained, capsys):
 def test_bpd_without_checkpoint_is_an_error(capsys):
     assert eval_main(["--metrics", "bpd", "--device", "cpu"]) == 2
     assert "--chkpt-path" in capsys.readouterr().err
+
+
+def test_bpd_uses_the_ema_weights_when_the_checkpoint_has_them(trained, tmp_path, capsys):
+    root, chkpt = trained
+    ckpt = torch.load(chkpt, map_location="cpu", weights_only=True)
+    # after 2 updates the EMA is still nearly the initial weights: move it clearly away
+    shadow = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+              for k, v in ckpt["model"].items()}
+    ckpt["ema"] = {"decay": 0.999, "num_updates": 2, "shadow": shadow, "warmup": False}
+    path = tmp_path / "with_ema.pt"
+    torch.save(ckpt, path)
+
+    def bpd(*flags):
+        argv = ["--metrics", "bpd", "--chkpt-path", str(path), "--dataset", "cifar10",
+                "--root", str(root / "data"), "--eval-batch-size", "4", "--num-workers", "0",
+                "--device", "cpu", *flags]
+        assert eval_main(argv) == 0
+        capsys.readouterr()
+        return json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["metrics"]
+
+    default, ema, raw = bpd(), bpd("--use-ema"), bpd("--no-ema")
+    assert default == ema and default["bpd"] != raw["bpd"]
+    assert eval_main(["--metrics", "bpd", "--chkpt-path", str(path), "--use-ema",
+                      "--no-ema"]) == 2
+    assert "contradict" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def test_analytic_gaussian_exact_solution():
     ab_T = alphas_bar[-1]
     exact = mu + s * (x_T - ab_T.sqrt() * mu) / (ab_T * s ** 2 + 1 - ab_T).sqrt()
 
-    def error(name, steps, skip_schedule="linear"):
+    def error(name, steps, skip_schedule="linspace"):  # from T - 1, as the exact solution
         sampler = make_sampler(diffusion, name, steps=steps, skip_schedule=skip_schedule)
         return _rms(sample(diffusion, eps_fn, sampler, x_T), exact)
 
@@ -90,10 +90,11 @@ def test_trained_toy_model_against_ddim_all_steps(toy_model):
     diffusion, net = toy_model
     x_T = torch.randn(512, 2, generator=torch.Generator().manual_seed(1))
     reference = sample(diffusion, net, make_sampler(diffusion, "ddim", steps=T), x_T)
-    err_ddim = _rms(sample(diffusion, net, make_sampler(diffusion, "ddim", steps=STEPS), x_T),
+    err_ddim = _rms(sample(diffusion, net, make_sampler(diffusion, "ddim", steps=STEPS,
+                                                        skip_schedule="linspace"), x_T),
                     reference)
     err_dpm = _rms(sample(diffusion, net, make_sampler(
-        diffusion, "dpm-solver++", steps=STEPS, skip_schedule="linear"), x_T), reference)
+        diffusion, "dpm-solver++", steps=STEPS, skip_schedule="linspace"), x_T), reference)
     assert err_dpm < 0.7 * err_ddim, (err_dpm, err_ddim)  # the same step spacing
     err_default = _rms(sample(diffusion, net, make_sampler(diffusion, "dpm-solver++",
                                                            steps=STEPS), x_T), reference)

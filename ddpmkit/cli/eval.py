@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", nargs="+", choices=METRIC_CHOICES, default=["fid", "pr"],
                    help="metrics to compute")
     p.add_argument("--seed", type=int, default=1234,
-                   help="seed of the sample subset, the precision/recall reference subset and "
-                        "the KID subsets")
+                   help="seed of the sample subset and the precision/recall reference subset")
+    p.add_argument("--rng-seed", type=int, default=2020,
+                   help="seed of the KID subsets and the Inception Score shuffle "
+                        "(torch-fidelity's --rng-seed, same default: same numbers)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="pt_inception-2015-12-05-6726825d.pth (default: torch hub's checkpoint "
                         "folder, downloaded when missing)")
@@ -92,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "reference project's), .safetensors file, diffusers folder or Hub id")
     g.add_argument("--config-path", default=None, help="JSON config for checkpoints that carry "
                    "none (default: configs/<dataset>.json)")
-    g.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
+    g.add_argument("--use-ema", action="store_true",
+                   help="demand the EMA weights (an error if the checkpoint has none); without "
+                        "it they are used whenever the checkpoint has them")
+    g.add_argument("--no-ema", action="store_true",
+                   help="evaluate the raw weights even when the checkpoint has EMA weights")
+    g.add_argument("--group-norm-eps", type=float, default=None,
+                   help="GroupNorm epsilon of checkpoints without a config (the reference "
+                        "project's files): 1e-5, the default, for its released checkpoints; "
+                        "1e-6 for models trained with its code after 2023-07-16")
     g.add_argument("--bpd-split", default="test", help="dataset split to evaluate on")
     p.add_argument("--kid-subsets", type=int, default=100, help="number of KID subsets")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset")
@@ -115,6 +125,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--num-workers must be >= 0")
     if args.sample_folder and args.folder_name:
         raise UserError("give --sample-folder PATH or --folder-name NAME, not both")
+    if args.use_ema and args.no_ema:
+        raise UserError("--use-ema and --no-ema contradict each other; give one")
+    if args.group_norm_eps is not None and not args.group_norm_eps > 0:
+        raise UserError(f"--group-norm-eps must be positive, got {args.group_norm_eps}")
 
 
 def _check_counts(args: argparse.Namespace, metrics: list[str], num_samples: int,
@@ -192,7 +206,9 @@ def bits_per_dim(args: argparse.Namespace, device, progress: bool) -> dict:
         except UserError:
             if args.config_path:
                 raise
-    model, config = load_model_from_checkpoint(args.chkpt_path, fallback, args.use_ema, device)
+    use_ema = True if args.use_ema else False if args.no_ema else None  # None: EMA if present
+    model, config = load_model_from_checkpoint(args.chkpt_path, fallback, use_ema, device,
+                                               group_norm_eps=args.group_norm_eps)
     diffusion = build_diffusion(config["diffusion"], decoder="discretized")
     dataset = build_dataset(args.dataset, args.root, split=args.bpd_split,
                             image_size=config.get("dataset", {}).get("resolution"),
@@ -249,7 +265,7 @@ def evaluate(args: argparse.Namespace) -> int:
         row_batch_size=args.row_batch_size, col_batch_size=args.col_batch_size,
         pr_reference_size=args.eval_total_size, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, is_splits=args.is_splits, seed=args.seed,
-        device=eval_device))
+        rng_seed=args.rng_seed, device=eval_device))
     return _report(args, results, sample_folder, features.num_images, ref, model.identity)
 
 

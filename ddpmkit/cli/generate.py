@@ -27,7 +27,14 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from ddpmkit.choices import IMAGE_DATASETS, PRECISIONS, SAMPLERS, SKIP_SCHEDULES
+from ddpmkit.choices import (
+    DDIM_EPS_SOURCES,
+    DDIM_STEP_TARGETS,
+    IMAGE_DATASETS,
+    PRECISIONS,
+    SAMPLERS,
+    SKIP_SCHEDULES,
+)
 from ddpmkit.cli import CLIParser, add_speed_flags, run_guarded, setup_logging
 from ddpmkit.config import find_config_file, load_json, parse_with_explicit
 from ddpmkit.errors import UserError, signal_name
@@ -69,7 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dir", default="./images/eval",
                    help="the sample folder <dataset><suffix> is created in here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--use-ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--use-ema", action="store_true",
+                   help="demand the EMA weights (an error if the checkpoint has none); without "
+                        "it they are used whenever the checkpoint has them")
+    p.add_argument("--no-ema", action="store_true",
+                   help="use the raw weights even when the checkpoint has EMA weights")
+    p.add_argument("--group-norm-eps", type=float, default=None,
+                   help="GroupNorm epsilon of checkpoints without a config (the reference "
+                        "project's files): 1e-5, the default, for its released checkpoints; "
+                        "1e-6 for models trained with its code after 2023-07-16")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm: ancestral, all T steps; ddim: --steps of them, --eta noise; "
                         "dpm-solver++: 2nd-order multistep ODE solver for 10-25 steps")
@@ -80,8 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise scale: 0 deterministic, 1 like DDPM")
     p.add_argument("--skip-schedule", choices=SKIP_SCHEDULES, default=None,
-                   help="how ddim / dpm-solver++ space their steps (default: linear for ddim, "
-                   "quadratic for dpm-solver++)")
+                   help="how ddim / dpm-solver++ space their steps: linear (0, T/S, 2T/S, ...) "
+                   "and quadratic as the reference and the DDIM paper; linspace, leading, "
+                   "trailing as diffusers (default: linear for ddim, quadratic for "
+                   "dpm-solver++)")
+    p.add_argument("--ddim-eps-from", choices=DDIM_EPS_SOURCES, default=None,
+                   help="the eps a DDIM step uses once x_0 is clipped: re-derived from the "
+                        "clipped x_0 (clipped, the default) or the network's own (model, as "
+                        "diffusers' DDIMPipeline)")
+    p.add_argument("--ddim-step-to", choices=DDIM_STEP_TARGETS, default=None,
+                   help="where a DDIM step lands: the next evaluated timestep (next, the "
+                        "default) or t - T // S (stride, as diffusers' DDIMScheduler)")
     p.add_argument("--seed", type=int, default=0,
                    help="sample i's noise is a function of (seed, i)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -134,8 +158,15 @@ def check_args(args: argparse.Namespace, typed: set[str]) -> None:
             raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.eta < 0:
         raise UserError(f"--eta must be >= 0, got {args.eta}")
+    if args.use_ema and args.no_ema:
+        raise UserError("--use-ema and --no-ema contradict each other; give one")
+    if args.group_norm_eps is not None and not args.group_norm_eps > 0:
+        raise UserError(f"--group-norm-eps must be positive, got {args.group_norm_eps}")
     if "eta" in typed and args.sampler != "ddim" and args.eta != 0:
         raise UserError(f"--eta applies to ddim only, not to {args.sampler}")
+    if (args.ddim_eps_from or args.ddim_step_to) and args.sampler != "ddim":
+        raise UserError(f"--ddim-eps-from / --ddim-step-to apply to ddim only, not to "
+                        f"{args.sampler}")
 
 
 def checkpoint_path(args: argparse.Namespace) -> str:
@@ -196,46 +227,38 @@ def output_paths(args: argparse.Namespace, dataset: str) -> dict[str, str]:
 
 
 # ---- one process -------------------------------------------------------------------------
-def run_process(args: argparse.Namespace, typed: set[str], env,
-                should_stop=None) -> dict[str, Any]:
-    """This process's share of the samples (and, on rank 0, the animation); `should_stop()`
-    ends it after the current batch (a stop signal)."""
-    import torch
+def _load_model(args: argparse.Namespace, typed: set[str], device):
+    """(model, config, checkpoint path, which weights) for this run: the checkpoint's own
+    config, else --config-path / the dataset's; EMA weights when the file has them unless
+    --no-ema."""
+    from ddpmkit.interop.sources import load_checkpoint_any
+    from ddpmkit.models.loading import checkpoint_config, choose_weights, model_from_checkpoint_dict
 
-    from ddpmkit.build import build_diffusion
-    from ddpmkit.devices import resolve_precision
-    from ddpmkit.diffusion.samplers import make_sampler
-    from ddpmkit.generation import (
-        NOISE_VERSION,
-        check_manifest,
-        generate_to_folder,
-        make_denoise_fn,
-        sample_indexed,
-    )
-    from ddpmkit.interop.sources import checkpoint_digest, load_checkpoint_any
-    from ddpmkit.models.loading import checkpoint_config, image_shape, model_from_checkpoint_dict
-    from ddpmkit.utils.images import FrameRecorder, save_animation
-    from ddpmkit.utils.io import check_writable_folder
-
-    check_writable_folder(args.save_dir, "--save-dir")
-    device = rank_device(args.device, env)
     path = checkpoint_path(args)
     ckpt = load_checkpoint_any(path)
     has_config = checkpoint_config(ckpt) is not None
     config = None if has_config else fallback_config(args, typed)
     if has_config and args.config_path:
         log.warning("%s carries its own config; --config-path is not used", path)
-    model, config = model_from_checkpoint_dict(ckpt, config, args.use_ema, device, repr(path))
-    del ckpt
+    use_ema = True if args.use_ema else False if args.no_ema else None  # None: EMA if present
+    weights = choose_weights(ckpt, use_ema, repr(path))
+    model, config = model_from_checkpoint_dict(ckpt, config, use_ema, device, repr(path),
+                                               group_norm_eps=args.group_norm_eps)
     dataset = (config.get("dataset") or {}).get("name") or args.dataset
     if has_config and "dataset" in typed and args.dataset != dataset:
         raise UserError(f"--dataset {args.dataset} but {path} was trained on {dataset}")
+    return model, config, path, weights
 
-    diffusion = build_diffusion(config.get("diffusion") or {})
+
+def _sampler(args: argparse.Namespace, diffusion, device):
+    """The sampler the flags ask for, after the checks that need the device."""
+    from ddpmkit.diffusion.samplers import make_sampler
+
     steps = args.steps or DEFAULT_STEPS.get(args.sampler)
     try:
         sampler = make_sampler(diffusion, args.sampler, steps=steps, eta=args.eta,
-                               skip_schedule=args.skip_schedule)
+                               skip_schedule=args.skip_schedule, eps_from=args.ddim_eps_from,
+                               step_to=args.ddim_step_to)
     except ValueError as exc:
         raise UserError(f"--sampler {args.sampler}: {exc}") from exc
     if args.cuda_graph and args.compile == "reduce-overhead":
@@ -244,46 +267,81 @@ def run_process(args: argparse.Namespace, typed: set[str], env,
     if args.cuda_graph and device.type != "cuda":
         raise UserError(f"--cuda-graph needs a CUDA device, but this run uses {device}; "
                         "drop --cuda-graph or pass --device cuda")
+    return sampler
+
+
+def _settings(args, path, weights, sampler, precision: str, shape) -> dict[str, Any]:
+    """What decides the images, recorded in the folder's manifest (generation.json)."""
+    from ddpmkit.generation import NOISE_VERSION
+    from ddpmkit.interop.sources import checkpoint_digest
+
+    settings = {
+        "checkpoint_sha256": checkpoint_digest(path), "use_ema": weights == "ema",
+        "sampler": args.sampler, "steps": len(sampler.timesteps), "eta": args.eta,
+        "skip_schedule": args.skip_schedule, "seed": args.seed, "precision": precision,
+        "image_shape": list(shape), "noise": NOISE_VERSION,
+    }
+    if args.sampler == "ddim":  # what `linear` means changed once: record the steps themselves
+        settings.update(timesteps=sampler.timesteps.tolist(), ddim_eps_from=sampler.eps_from,
+                        ddim_step_to=sampler.step_to)
+    return settings
+
+
+def run_process(args: argparse.Namespace, typed: set[str], env,
+                should_stop=None) -> dict[str, Any]:
+    """This process's share of the samples (and, on rank 0, the animation); `should_stop()`
+    ends it after the current batch (a stop signal)."""
+    import torch
+
+    from ddpmkit.build import build_diffusion
+    from ddpmkit.devices import resolve_precision
+    from ddpmkit.generation import check_manifest, generate_to_folder, make_denoise_fn
+    from ddpmkit.models.loading import image_shape
+    from ddpmkit.utils.io import check_writable_folder
+
+    check_writable_folder(args.save_dir, "--save-dir")
+    device = rank_device(args.device, env)
+    model, config, path, weights = _load_model(args, typed, device)
+    dataset = (config.get("dataset") or {}).get("name") or args.dataset
+    diffusion = build_diffusion(config.get("diffusion") or {})
+    sampler = _sampler(args, diffusion, device)
     precision = resolve_precision(args.precision, device)
     if env.is_main:
         log.info("precision %s (%s)", precision.name, precision.reason)
-    channels_last = bool(args.channels_last)
-    denoise_fn = make_denoise_fn(model, precision.name, device, channels_last, args.compile,
-                                 cuda_graph=args.cuda_graph)
+    denoise_fn = make_denoise_fn(model, precision.name, device, bool(args.channels_last),
+                                 args.compile, cuda_graph=args.cuda_graph)
     shape = image_shape(config)
     paths = output_paths(args, dataset)
-    settings = {
-        "checkpoint_sha256": checkpoint_digest(path), "use_ema": bool(args.use_ema),
-        "sampler": args.sampler, "steps": len(sampler.timesteps), "eta": args.eta,
-        "skip_schedule": args.skip_schedule, "seed": args.seed, "precision": precision.name,
-        "image_shape": list(shape), "noise": NOISE_VERSION,
-    }
-    check_manifest(paths["folder"], settings, write=env.is_main)
+    check_manifest(paths["folder"], _settings(args, path, weights, sampler, precision.name,
+                                              shape), write=env.is_main)
     if env.is_main:
         log.info("%s sampler, %d steps, %d samples of %s -> %s (%d process(es), %s)",
                  args.sampler, len(sampler.timesteps), args.total_size, "x".join(map(str, shape)),
                  paths["folder"], env.world_size, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
     result = generate_to_folder(
         diffusion, denoise_fn, sampler, shape, paths["folder"], args.total_size,
         args.batch_size, args.seed, device, env, max_workers=args.max_workers,
         progress=env.is_main and not args.no_progress, should_stop=should_stop)
-    if result.stopped:
-        return {"written": result.written, "skipped": result.skipped,
-                "seconds": result.seconds, "dataset": dataset, "stopped": True}
-
-    if args.animate and env.is_main:
-        count = min(args.animate_count, args.total_size)
-        recorder = FrameRecorder(len(sampler.timesteps), count, args.animate_target,
-                                 MAX_ANIMATION_FRAMES)
-        sample_indexed(diffusion, denoise_fn, sampler, range(count), shape, args.seed, device,
-                       callback=recorder)
-        save_animation(paths["animation"], recorder.frames)
-        log.info("wrote %s (%d frames)", paths["animation"], len(recorder.frames))
+    if args.animate and env.is_main and not result.stopped:
+        _animate(args, diffusion, denoise_fn, sampler, shape, device, paths["animation"])
     return {"written": result.written, "skipped": result.skipped, "seconds": result.seconds,
-            "dataset": dataset, "stopped": False}
+            "dataset": dataset, "stopped": result.stopped}
+
+
+def _animate(args, diffusion, denoise_fn, sampler, shape, device, path: str) -> None:
+    """The denoising of the first samples as an animation (main process)."""
+    from ddpmkit.generation import sample_indexed
+    from ddpmkit.utils.images import FrameRecorder, save_animation
+
+    count = min(args.animate_count, args.total_size)
+    recorder = FrameRecorder(len(sampler.timesteps), count, args.animate_target,
+                             MAX_ANIMATION_FRAMES)
+    sample_indexed(diffusion, denoise_fn, sampler, range(count), shape, args.seed, device,
+                   callback=recorder)
+    save_animation(path, recorder.frames)
+    log.info("wrote %s (%d frames)", path, len(recorder.frames))
 
 
 def finish(args: argparse.Namespace, dataset: str, written: int, seconds: float) -> None:

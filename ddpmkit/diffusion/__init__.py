@@ -10,6 +10,8 @@ from ddpmkit.diffusion.gaussian import (
     PMeanVar,
 )
 from ddpmkit.diffusion.samplers import (
+    DDIM_EPS_SOURCES,
+    DDIM_STEP_TARGETS,
     SAMPLERS,
     DDIMSampler,
     DDPMSampler,
@@ -23,11 +25,13 @@ from ddpmkit.diffusion.schedules import (
     SKIP_SCHEDULES,
     ddim_timesteps,
     get_beta_schedule,
+    solver_timesteps,
 )
 
 __all__ = [
-    "BETA_SCHEDULES", "DECODERS", "LOSS_TYPES", "MODEL_MEAN_TYPES", "MODEL_VAR_TYPES",
+    "BETA_SCHEDULES", "DDIM_EPS_SOURCES", "DDIM_STEP_TARGETS", "DECODERS", "LOSS_TYPES",
+    "MODEL_MEAN_TYPES", "MODEL_VAR_TYPES",
     "SAMPLERS", "SKIP_SCHEDULES", "BPDResult", "DDIMSampler", "DDPMSampler",
     "DPMSolverPPSampler", "GaussianDiffusion", "PMeanVar", "StepInfo", "ddim_timesteps",
-    "get_beta_schedule", "make_sampler", "sample",
+    "get_beta_schedule", "make_sampler", "sample", "solver_timesteps",
 ]

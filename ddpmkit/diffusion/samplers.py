@@ -19,9 +19,9 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 import torch
 
-from ddpmkit.choices import SAMPLERS
+from ddpmkit.choices import DDIM_EPS_SOURCES, DDIM_STEP_TARGETS, SAMPLERS
 from ddpmkit.diffusion.gaussian import DenoiseFn, GaussianDiffusion
-from ddpmkit.diffusion.schedules import ddim_timesteps
+from ddpmkit.diffusion.schedules import ddim_timesteps, solver_timesteps
 
 NoiseFn = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -63,38 +63,62 @@ def _alphas_bar_at(diffusion: GaussianDiffusion, steps: np.ndarray) -> np.ndarra
     return np.where(steps >= 0, diffusion.alphas_bar[np.maximum(steps, 0)], 1.0)
 
 
+def _model_eps(diffusion: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor,
+               t: torch.Tensor) -> torch.Tensor:
+    """eps as the network predicts it, before any clipping of x_0: (B, *S)."""
+    if diffusion.model_mean_type == "eps":
+        return diffusion.split_output(model_output.to(x_t.dtype))[0]
+    return diffusion.p_mean_var(model_output, x_t, t, clip_denoised=False).pred_eps
+
+
 @dataclass
 class DDIMSampler:
-    """DDIM over S of the T steps; eta = 0 is deterministic, eta = 1 matches DDPM fixed-small."""
+    """DDIM over S of the T steps; eta = 0 is deterministic, eta = 1 matches DDPM fixed-small.
+
+    `eps_from` and `step_to` (see DDIM_EPS_SOURCES, DDIM_STEP_TARGETS) reproduce diffusers'
+    DDIMScheduler / DDIMPipeline with ("model", "stride"); the defaults are ddpmkit's.
+    """
     T: int
     steps: int
     eta: float = 0.0
     skip_schedule: str = "linear"
+    eps_from: str = "clipped"
+    step_to: str = "next"
     timesteps: np.ndarray = field(init=False)
+    targets: np.ndarray = field(init=False)  # where each step lands; -1 is clean data
 
     def __post_init__(self):
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
+        for value, allowed, what in ((self.eps_from, DDIM_EPS_SOURCES, "DDIM eps source"),
+                                     (self.step_to, DDIM_STEP_TARGETS, "DDIM step target")):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
         self.timesteps = ddim_timesteps(self.T, self.steps, self.skip_schedule)[::-1].copy()
+        if self.step_to == "next":
+            self.targets = np.append(self.timesteps[1:], -1)
+        else:
+            self.targets = np.maximum(self.timesteps - self.T // self.steps, -1)
 
     def needs_noise(self, i: int) -> bool:
-        return self.eta > 0 and i < len(self.timesteps) - 1
+        return self.eta > 0 and self.targets[i] >= 0
 
     def new_state(self) -> Any:
         return None
 
     def step(self, diffusion, model_output, x_t, i, noise, clip, state):
-        t_now = int(self.timesteps[i])
-        t_next = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+        t_now, t_next = int(self.timesteps[i]), int(self.targets[i])
         t = torch.full((x_t.shape[0],), t_now, dtype=torch.long, device=x_t.device)
         # pred_x_0 (clipped for images) and the eps consistent with it, for any mean type.
         p = diffusion.p_mean_var(model_output, x_t, t, clip_denoised=clip)
+        eps = p.pred_eps if self.eps_from == "clipped" else _model_eps(diffusion, model_output,
+                                                                       x_t, t)
         ab_now, ab_next = _alphas_bar_at(diffusion, np.array([t_now, t_next]))
         # (1) eq. 16: sigma_t(eta) = eta sqrt((1 - ab_next) / (1 - ab_now)) sqrt(1 - ab_now / ab_next)
         sigma = self.eta * math.sqrt((1 - ab_next) / (1 - ab_now)) * math.sqrt(1 - ab_now / ab_next)
         # (2) eq. 12: x_next = sqrt(ab_next) x_0 + sqrt(1 - ab_next - sigma^2) eps + sigma z
         x = (math.sqrt(ab_next) * p.pred_x_0
-             + math.sqrt(max(1 - ab_next - sigma ** 2, 0.0)) * p.pred_eps)
+             + math.sqrt(max(1 - ab_next - sigma ** 2, 0.0)) * eps)
         if noise is not None and sigma > 0:
             x = x + sigma * noise
         return x, p.pred_x_0
@@ -121,8 +145,7 @@ class DPMSolverPPSampler:
         # S + 1 distinct points in [0, T), drop t = 0: the last step jumps to clean data.
         # Quadratic spacing here spans all of [0, T-1] (the DPM-Solver paper's time-quadratic
         # steps), not DDIM's [0, 0.8 T]: the solver starts from x_T at T-1.
-        self.timesteps = ddim_timesteps(self.T, self.steps + 1, self.skip_schedule,
-                                        quadratic_end=1.0)[:0:-1].copy()
+        self.timesteps = solver_timesteps(self.T, self.steps, self.skip_schedule)[:0:-1].copy()
 
     def needs_noise(self, i: int) -> bool:
         return False
@@ -154,23 +177,28 @@ class DPMSolverPPSampler:
         return x, x_0
 
 
-# Step spacing when none is asked for. DPM-Solver++ ends with a first-order jump from its
-# smallest timestep to clean data; with linear spacing that timestep is ~T/S, and the jump
-# squeezes narrow modes (toy data: to 0.2-0.4 of their width at 50-100 steps); quadratic
-# spacing puts it near t = 0 (measured in the README's sampler comparison).
+# Step spacing when none is asked for. DDIM: the reference's and the DDIM paper's. DPM-Solver++
+# ends with a first-order jump from its smallest timestep to clean data; with evenly spread
+# steps that timestep is ~T/S, and the jump squeezes narrow modes (toy data: to 0.2-0.4 of
+# their width at 50-100 steps); quadratic spacing puts it near t = 0 (measured in the README's
+# sampler comparison).
 DEFAULT_SKIP_SCHEDULE = {"ddim": "linear", "dpm-solver++": "quadratic"}
 
 
 def make_sampler(diffusion: GaussianDiffusion, name: str = "ddpm", steps: Optional[int] = None,
-                 eta: float = 0.0, skip_schedule: Optional[str] = None):
+                 eta: float = 0.0, skip_schedule: Optional[str] = None,
+                 eps_from: Optional[str] = None, step_to: Optional[str] = None):
     """Build a sampler by name. `steps` defaults to T for ddim and 20 for dpm-solver++;
-    `skip_schedule` to linear for ddim and quadratic for dpm-solver++."""
+    `skip_schedule` to linear for ddim and quadratic for dpm-solver++. `eps_from` and
+    `step_to` are DDIM's (default "clipped", "next"); other samplers refuse them."""
     skip_schedule = skip_schedule or DEFAULT_SKIP_SCHEDULE.get(name, "linear")
+    if name != "ddim" and (eps_from is not None or step_to is not None):
+        raise ValueError(f"eps_from and step_to are DDIM settings; the {name} sampler has none")
     if name == "ddpm":
         return DDPMSampler(diffusion.T)
     if name == "ddim":
         return DDIMSampler(diffusion.T, diffusion.T if steps is None else steps, eta,
-                           skip_schedule)
+                           skip_schedule, eps_from or "clipped", step_to or "next")
     if name == "dpm-solver++":
         return DPMSolverPPSampler(diffusion.T, min(20, diffusion.T - 1) if steps is None
                                   else steps, skip_schedule)

@@ -4,7 +4,12 @@ References:
 - Ho, Jain, Abbeel (2020), "Denoising Diffusion Probabilistic Models" (DDPM): `linear`, `quad`,
   `warmup10`, `warmup50`, `jsd` as in the official code's `get_beta_schedule`.
 - Nichol & Dhariwal (2021), "Improved DDPM", eq. 17: `cosine`.
-- Song, Meng, Ermon (2021), "DDIM", section D.2: `linear` and `quadratic` skip schedules.
+- The reference project ddpm-torch: `const` (beta_end at every step).
+- Song, Meng, Ermon (2021), "DDIM", section D.2, and its authors' code: the `linear` and
+  `quadratic` sub-sequences, as the reference project computes them.
+- Lin, Liu, Li, Yang (2024), "Common Diffusion Noise Schedules and Sampling Steps Are Flawed",
+  table 2, as diffusers implements it: `linspace`, `leading`, `trailing`.
+- Lu et al. (2022), "DPM-Solver": time-quadratic steps over all of [0, T-1].
 
 Symbols: T training steps; S sampling steps; betas (T,); alphas_bar (T,) = prod(1 - betas).
 """
@@ -48,6 +53,10 @@ def get_beta_schedule(name: str, T: int, beta_start: float = 1e-4,
     elif name == "jsd":
         # 1/T, 1/(T-1), ..., 1: the last beta is 1 and is clipped below.
         betas = 1.0 / np.linspace(T, 1, T, dtype=np.float64)
+    elif name == "const":
+        if not 0 < beta_end < 1:
+            raise ValueError(f"need 0 < beta_end < 1, got beta_end={beta_end}")
+        betas = np.full(T, beta_end, dtype=np.float64)
     elif name == "cosine":
         steps = np.arange(T + 1, dtype=np.float64) / T
         alphas_bar = np.cos((steps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
@@ -61,35 +70,88 @@ def get_beta_schedule(name: str, T: int, beta_start: float = 1e-4,
 DDIM_QUADRATIC_END = 0.8
 
 
-def ddim_timesteps(T: int, S: int, kind: str = "linear",
-                   quadratic_end: float = DDIM_QUADRATIC_END) -> np.ndarray:
-    """S distinct, strictly increasing timesteps in [0, T) (int64, shape (S,)).
-
-    `linear`: evenly spaced from 0 to T-1. `quadratic`: spaced as i^2 from 0 to
-    `quadratic_end` * T (0.8, as in the DDIM paper), then nudged so that no step repeats (the
-    paper's rounding repeats the first few).
-    """
+def _check_subsequence_size(T, S) -> tuple[int, int]:
     T = _check_steps(T)
     if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or not 1 <= S <= T:
         raise ValueError(f"the number of sampling steps must be an integer in [1, {T}], got {S!r}")
-    S = int(S)
+    return T, int(S)
+
+
+def _distinct(candidates: np.ndarray, T: int) -> np.ndarray:
+    """Nudge increasing integer candidates (S,) to S distinct steps in [0, T): a repeat moves up
+    by one, then everything is pushed below T from the top down. Candidates that are already
+    distinct and below T come back unchanged."""
+    steps = candidates.astype(np.int64)
+    for i in range(1, len(steps)):  # forward pass: strictly increasing
+        steps[i] = max(steps[i], steps[i - 1] + 1)
+    steps[-1] = min(steps[-1], T - 1)
+    for i in range(len(steps) - 2, -1, -1):  # backward pass: fit below T
+        steps[i] = min(steps[i], steps[i + 1] - 1)
+    return steps
+
+
+def _reference_quadratic(T: int, S: int) -> np.ndarray:
+    """round((i sqrt(0.8 T) / (S - 1))^2), i = 0..S-1, computed as the reference does: a float32
+    torch.linspace, squared, rounded half to even. Exact ties (12.5 at S = 9 of T = 1000) fall
+    where float32 puts them, so only the same arithmetic gives the same list."""
+    import torch  # here only: the rest of this module is plain numpy
+
+    points = torch.linspace(0.0, math.sqrt(T * DDIM_QUADRATIC_END), S, dtype=torch.float32)
+    return torch.pow(points, 2).round().to(torch.int64).numpy()
+
+
+def ddim_timesteps(T: int, S: int, kind: str = "linear") -> np.ndarray:
+    """S distinct, strictly increasing timesteps in [0, T) (int64, shape (S,)).
+
+    `linear`: floor(i T / S), i.e. 0, 20, ..., 980 for S = 50 of T = 1000: the reference's and
+    the DDIM authors' `range(0, T, T // S)` whenever S divides T (they return more than S
+    steps when it does not: 334 for S = 300; this keeps the stride T / S and gives S).
+    `quadratic`: the reference's round((i sqrt(0.8 T) / (S - 1))^2), where those are S distinct
+    steps (at T = 1000 up to S = 40); beyond, repeats move up by one (the reference evaluates
+    its repeats as no-op steps). The DDIM authors' code rounds down instead (another list for
+    some S, e.g. 10 at T = 1000).
+    `linspace`, `leading`, `trailing`: diffusers' DDIMScheduler `timestep_spacing` (with
+    steps_offset 0): round-half-even of linspace(0, T - 1, S); i (T // S); round(T - i T / S) - 1.
+    S = 1 gives [T - 1] for every kind (one step from pure noise), where the reference and
+    diffusers (but for trailing) would evaluate t = 0 only.
+    """
+    T, S = _check_subsequence_size(T, S)
     if kind not in SKIP_SCHEDULES:
         raise ValueError(f"unknown skip schedule {kind!r}; choose from {', '.join(SKIP_SCHEDULES)}")
     if S == 1:
-        # One step must start from the noisiest step, not from t = 0 (where both spacings
-        # below would put it): x_0 is then predicted from pure noise in one jump.
         return np.array([T - 1], dtype=np.int64)
+    i = np.arange(S, dtype=np.int64)
     if kind == "linear":
-        # floor(x + 0.5) rather than np.round: banker's rounding could map two points spaced
-        # exactly 1 apart (e.g. 1.5 and 2.5) to the same integer.
-        steps = np.floor(np.linspace(0, T - 1, S) + 0.5).astype(np.int64)
+        steps = i * T // S
     elif kind == "quadratic":
-        top = min(T * quadratic_end, T - 1)
-        steps = np.floor(np.linspace(0, math.sqrt(top), S) ** 2 + 0.5).astype(np.int64)
-        for i in range(1, S):  # forward pass: strictly increasing
-            steps[i] = max(steps[i], steps[i - 1] + 1)
-        steps[-1] = min(steps[-1], T - 1)
-        for i in range(S - 2, -1, -1):  # backward pass: fit below T
-            steps[i] = min(steps[i], steps[i + 1] - 1)
+        steps = _distinct(_reference_quadratic(T, S), T)
+    elif kind == "linspace":
+        # np.round rounds half to even, as diffusers; the spacing (T-1)/(S-1) > 1 for S < T
+        # keeps the steps distinct, and for S = T they are the integers 0..T-1.
+        steps = np.round(np.linspace(0, T - 1, S)).astype(np.int64)
+    elif kind == "leading":
+        steps = i * (T // S)
+    else:  # trailing, from the top: np.arange as diffusers (its float steps decide the ties);
+        # it may hold one more, near-zero point when T / (T / S) rounds above S
+        steps = (np.round(np.arange(T, 0, -T / S))[:S] - 1).astype(np.int64)[::-1].copy()
     assert len(np.unique(steps)) == S and steps[0] >= 0 and steps[-1] < T
+    return steps
+
+
+def solver_timesteps(T: int, S: int, kind: str = "quadratic") -> np.ndarray:
+    """The S + 1 points (int64, increasing, starting at 0) that S steps of DPM-Solver++ span.
+
+    `quadratic` here is time-quadratic over all of [0, T-1] (the DPM-Solver paper's), not the
+    DDIM paper's [0, 0.8 T]: floor((i sqrt(T - 1) / S)^2 + 0.5), repeats moved up by one. Other
+    kinds are `ddim_timesteps(T, S + 1, kind)`.
+    """
+    T = _check_steps(T)
+    if kind != "quadratic":
+        return ddim_timesteps(T, S + 1, kind)
+    T, n = _check_subsequence_size(T, S + 1)
+    if n == 1:
+        return np.array([T - 1], dtype=np.int64)
+    candidates = np.floor(np.linspace(0, math.sqrt(T - 1), n) ** 2 + 0.5)
+    steps = _distinct(candidates, T)
+    assert len(np.unique(steps)) == n and steps[0] >= 0 and steps[-1] < T
     return steps

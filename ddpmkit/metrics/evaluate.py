@@ -21,6 +21,7 @@ from ddpmkit.metrics.kid_is import (
     DEFAULT_IS_SPLITS,
     DEFAULT_KID_SUBSET_SIZE,
     DEFAULT_KID_SUBSETS,
+    DEFAULT_RNG_SEED,
     DEFAULT_SEED,
     inception_score,
     kernel_inception_distance,
@@ -58,6 +59,7 @@ def compute_metrics(
     kid_subset_size: int = DEFAULT_KID_SUBSET_SIZE,
     is_splits: int = DEFAULT_IS_SPLITS,
     seed: int = DEFAULT_SEED,
+    rng_seed: int = DEFAULT_RNG_SEED,
     device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """The requested metrics of the samples against the reference; a flat dict of floats.
@@ -65,7 +67,9 @@ def compute_metrics(
     `ref_stats` may be None when only "is" is asked for. Precision/recall uses a fixed-seed
     subset of `pr_reference_size` reference features when the reference has more (the
     reference implementation compares equal-sized sets); None uses them all. `device` runs
-    the distance / kernel computations.
+    the distance / kernel computations. `seed` draws the precision/recall subset, `rng_seed`
+    the KID subsets and the IS shuffle, as torch-fidelity's `rng_seed` does: with its default
+    (2020) KID and IS are torch-fidelity's for input1 = samples, input2 = reference.
     """
     check_metrics(metrics)
     if ref_stats is None and NEEDS_REFERENCE.intersection(metrics):
@@ -90,11 +94,12 @@ def compute_metrics(
                                   device=device)
             results["precision"], results["recall"] = pr.precision, pr.recall
         elif metric == "kid":
-            kid = kernel_inception_distance(ref_stats.features, sample_features.pool,
+            kid = kernel_inception_distance(sample_features.pool, ref_stats.features,
                                             num_subsets=kid_subsets, subset_size=kid_subset_size,
-                                            seed=seed, device=device)
+                                            seed=rng_seed, device=device)
             results["kid_mean"], results["kid_std"] = kid.mean, kid.std
         elif metric == "is":
-            score = inception_score(sample_features.logits_unbiased, splits=is_splits)
+            score = inception_score(sample_features.logits_unbiased, splits=is_splits,
+                                    seed=rng_seed)
             results["is_mean"], results["is_std"] = score.mean, score.std
     return {k: float(v) for k, v in results.items()}

@@ -11,14 +11,19 @@ k(x, y) = (x.y / d + 1)^3;
               - 2 sum_{i, j} k(x_i, y_j) / m^2
 KID = mean of MMD^2_u over `num_subsets` subset pairs drawn without replacement (std reported
 too). Subsets are drawn as `numpy.random.RandomState(seed).choice`, X's then Y's for each
-subset, the scheme of the KID authors' code and of torch-fidelity, so the same seed gives the
-same subsets.
+subset, the scheme of the KID authors' code and of torch-fidelity: with X the samples (its
+`input1`), Y the reference (`input2`) and its default seed 2020, the subsets are
+torch-fidelity's.
 
-logits (N, C): p(y|x) = softmax(logits); for each of `splits` consecutive chunks,
-IS = exp(mean_x KL(p(y|x) || p(y))) with p(y) the chunk's mean of p(y|x); mean and std over
-chunks. The logits are the pool features times the final layer's weight without its bias,
-as in the IS authors' code (`InceptionFeatures.logits_unbiased`).
-All arithmetic in float64.
+logits (N, C): p(y|x) = softmax(logits); the rows are shuffled by
+`RandomState(seed).permutation` (torch-fidelity's default, seed 2020), then for each of
+`splits` consecutive chunks IS = exp(mean_x KL(p(y|x) || p(y))) with p(y) the chunk's mean of
+p(y|x); mean and std over chunks. The logits are the pool features times the final layer's
+weight without its bias, as in the IS authors' code (`InceptionFeatures.logits_unbiased`).
+
+All arithmetic in float64, where torch-fidelity computes the KID kernels in float32 (KID moved
+by 1e-5 between the two on 1,500 CIFAR-10 images a side; see the README), and p(y) in the log
+domain, so that a class no image predicts adds 0 rather than torch-fidelity's NaN.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import torch
 DEFAULT_KID_SUBSETS = 100
 DEFAULT_KID_SUBSET_SIZE = 1000
 DEFAULT_SEED = 1234
+# torch-fidelity's default `rng_seed`, for the KID subsets and the IS shuffle
+DEFAULT_RNG_SEED = 2020
 KID_DEGREE = 3
 KID_COEF0 = 1.0
 DEFAULT_IS_SPLITS = 10
@@ -62,10 +69,11 @@ def kernel_inception_distance(
     features_y,
     num_subsets: int = DEFAULT_KID_SUBSETS,
     subset_size: int = DEFAULT_KID_SUBSET_SIZE,
-    seed: int = DEFAULT_SEED,
+    seed: int = DEFAULT_RNG_SEED,
     device: str | torch.device | None = None,
 ) -> MeanStd:
-    """KID (mean, std over subsets) between features (N_x, D) and (N_y, D)."""
+    """KID (mean, std over subsets) between features (N_x, D) and (N_y, D). Each subset of x is
+    drawn before y's: pass the samples as x for torch-fidelity's subsets."""
     x = torch.as_tensor(np.asarray(features_x), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(features_y), dtype=torch.float64)
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
@@ -88,8 +96,10 @@ def kernel_inception_distance(
     return MeanStd(mean=float(values.mean()), std=float(values.std()))
 
 
-def inception_score(logits, splits: int = DEFAULT_IS_SPLITS) -> MeanStd:
-    """Inception Score (mean, std over `splits` consecutive chunks) from logits (N, C)."""
+def inception_score(logits, splits: int = DEFAULT_IS_SPLITS, shuffle: bool = True,
+                    seed: int = DEFAULT_RNG_SEED) -> MeanStd:
+    """Inception Score (mean, std over `splits` chunks) from logits (N, C), the rows shuffled
+    with `seed` first unless `shuffle` is False."""
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     if z.dim() != 2:
         raise ValueError(f"logits must be (N, C), got {tuple(z.shape)}")
@@ -97,6 +107,8 @@ def inception_score(logits, splits: int = DEFAULT_IS_SPLITS) -> MeanStd:
     if splits < 1 or num < splits:
         raise ValueError(f"Inception Score needs at least one image per split: {num} images, "
                          f"{splits} splits")
+    if shuffle:
+        z = z[torch.from_numpy(np.random.RandomState(seed).permutation(num))]
     log_p = torch.log_softmax(z, dim=1)  # log p(y|x), (N, C)
     scores = []
     for i in range(splits):

@@ -22,10 +22,12 @@ import torch
 from torch import nn
 
 from ddpmkit.errors import UserError
+from ddpmkit.models.unet import MODEL_DEFAULTS
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIXES = ("module.", "_model.", "_orig_mod.")
+MODEL_GROUP_NORM_EPS = MODEL_DEFAULTS["group_norm_eps"]
 # How many offending key names an error message lists.
 KEYS_SHOWN = 4
 
@@ -66,26 +68,51 @@ def _ema_weights(ema: Any, source: str) -> StateDict:
     raise UserError(f"{source}: cannot find the EMA weights in its 'ema' entry ({described})")
 
 
-def select_weights(ckpt: Mapping[str, Any], use_ema: bool, source: str = "checkpoint"
-                   ) -> tuple[StateDict, str]:
-    """(state_dict with prefixes stripped, which entry it came from) from a loaded checkpoint.
+def choose_weights(ckpt: Mapping[str, Any], use_ema: bool | None = None,
+                   source: str = "checkpoint") -> str:
+    """Which weights of a loaded checkpoint to use: "ema", "model" or "bare state dict".
 
-    `use_ema` takes the EMA weights and is an error when a trainer checkpoint has none (silently
-    using the raw weights instead would change the results). A bare state dict is used as it
-    is either way: it does not say whether it holds EMA weights.
+    `use_ema` None takes the EMA weights whenever the file has them (what DDPM results are
+    sampled from; the reference's configs set `use_ema` too), else the raw ones; True demands
+    the EMA weights (an error when there are none: silently using the raw weights would change
+    the results); False takes the raw weights. A bare state dict is used as it is either way:
+    it does not say whether it holds EMA weights.
     """
     if is_state_dict(ckpt):
-        return strip_prefixes(ckpt, source), "bare state dict"
-    if use_ema:
-        if ckpt.get("ema") is None:
-            raise UserError(f"{source} holds no EMA weights (no 'ema' entry); drop --use-ema "
-                            "to use its raw model weights")
-        return strip_prefixes(_ema_weights(ckpt["ema"], source), source), "ema"
+        return "bare state dict"
+    has_ema = ckpt.get("ema") is not None
+    if use_ema and not has_ema:
+        raise UserError(f"{source} holds no EMA weights (no 'ema' entry); drop --use-ema "
+                        "to use its raw model weights")
+    if has_ema and use_ema is not False:
+        return "ema"
     if not is_state_dict(ckpt.get("model")):
         keys = ", ".join(sorted(map(str, ckpt))[:8])
         raise UserError(f"{source} is neither a state dict nor a trainer checkpoint with a "
                         f"'model' entry (its keys: {keys})")
-    return strip_prefixes(ckpt["model"], source), "model"
+    return "model"
+
+
+def select_weights(ckpt: Mapping[str, Any], use_ema: bool | None = None,
+                   source: str = "checkpoint") -> tuple[StateDict, str]:
+    """(state_dict with prefixes stripped, which entry it came from) from a loaded checkpoint;
+    `use_ema` as in `choose_weights`."""
+    entry = choose_weights(ckpt, use_ema, source)
+    if entry == "bare state dict":
+        return strip_prefixes(ckpt, source), entry
+    if entry == "ema":
+        return strip_prefixes(_ema_weights(ckpt["ema"], source), source), entry
+    return strip_prefixes(ckpt["model"], source), entry
+
+
+def describe_weights(entry: str, source: str) -> str:
+    """One line saying which weights were loaded and how to pick the others."""
+    if entry == "ema":
+        return f"sampling the EMA weights of {source} (--no-ema for the raw weights)"
+    if entry == "model":
+        return f"using the raw weights of {source}, which holds no EMA weights"
+    return (f"using the weights of {source} as they are (a bare state dict: EMA or raw, "
+            "the file does not say)")
 
 
 def checkpoint_config(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -164,13 +191,36 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     model.load_state_dict(state_dict, strict=True)
 
 
+def _with_group_norm_eps(config: dict[str, Any], eps: float | None, own: bool,
+                         source: str) -> dict[str, Any]:
+    """`config` with the model's GroupNorm epsilon set to `eps` for files without a config of
+    their own (a checkpoint's own config is what it was trained with), and one log line. The
+    reference's GroupNorm epsilon was 1e-5 until its commit 9a8ecb5 (2023-07-16), which its
+    released checkpoints were trained with, and 1e-6 after; its files do not record it."""
+    model = dict(config["model"])
+    if own:
+        if eps is not None and eps != model.get("group_norm_eps", MODEL_GROUP_NORM_EPS):
+            log.warning("%s carries its own config (group_norm_eps %g); --group-norm-eps %g is "
+                        "not used", source, model.get("group_norm_eps", MODEL_GROUP_NORM_EPS), eps)
+        return config
+    if eps is not None:
+        model["group_norm_eps"] = float(eps)
+    used = model.get("group_norm_eps", MODEL_GROUP_NORM_EPS)
+    log.info("%s carries no config: GroupNorm eps %g (the reference's released checkpoints use "
+             "1e-5; models trained with its code after 2023-07-16 need --group-norm-eps 1e-6)",
+             source, used)
+    return {**config, "model": model}
+
+
 def model_from_checkpoint_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any] | None = None,
-                               use_ema: bool = False, device: Any = "cpu",
-                               source: str = "checkpoint"):
+                               use_ema: bool | None = None, device: Any = "cpu",
+                               source: str = "checkpoint", group_norm_eps: float | None = None):
     """(model in eval mode on `device`, config) from an already loaded checkpoint dict.
 
     The checkpoint's own config wins; `config` is used only when the file carries none (the
-    reference project's files), and one of the two must exist.
+    reference project's files), and one of the two must exist. `use_ema`: see
+    `choose_weights` (default: the EMA weights when present). `group_norm_eps` overrides the
+    epsilon of files without a config of their own.
     """
     own = checkpoint_config(ckpt)
     stored = None if is_state_dict(ckpt) else ckpt.get("config")
@@ -181,19 +231,23 @@ def model_from_checkpoint_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any
         raise UserError(f"{source} carries no config (a reference-project file or bare weights); "
                         "name the architecture with --dataset NAME or --config-path FILE")
     config = normalize_config(own if own is not None else config)
+    config = _with_group_norm_eps(config, group_norm_eps, own is not None, source)
     state_dict, entry = select_weights(ckpt, use_ema, source)
     model, _ = build_from_config(config)
     load_weights(model, state_dict, f"{source} ({entry})")
-    log.info("loaded %s weights from %s", entry, source)
+    log.info(describe_weights(entry, source))
     return model.to(device).eval(), config
 
 
 def load_model_from_checkpoint(path: str, config: Mapping[str, Any] | None = None,
-                               use_ema: bool = False, device: Any = "cpu"):
+                               use_ema: bool | None = None, device: Any = "cpu",
+                               group_norm_eps: float | None = None):
     """(model in eval mode on `device`, resolved config) from a checkpoint file of ddpmkit or the
     reference project, a .safetensors file, a diffusers folder or a Hub id (see
-    `ddpmkit.interop.sources`). `config` supplies the architecture when the file has none."""
+    `ddpmkit.interop.sources`). `config` supplies the architecture when the file has none;
+    `use_ema` and `group_norm_eps` as in `model_from_checkpoint_dict`."""
     from ddpmkit.interop.sources import load_checkpoint_any, resolve_checkpoint
 
     ckpt = load_checkpoint_any(resolve_checkpoint(path))
-    return model_from_checkpoint_dict(ckpt, config, use_ema, device, source=repr(path))
+    return model_from_checkpoint_dict(ckpt, config, use_ema, device, source=repr(path),
+                                      group_norm_eps=group_norm_eps)
