@@ -247,6 +247,51 @@ def test_ddpm_1000_matches_ddpmpipeline(tmp_path, one_thread):
     assert _ddpm_parity(tmp_path, SCHEDULER_CIFAR10) < 1e-4
 
 
+@pytest.mark.parametrize("spacing, eta", [("leading", 0.0), ("trailing", 0.0),
+                                           ("leading", 0.5)])
+def test_ddim_50_matches_ddimpipeline_with_the_parity_switches(tmp_path, monkeypatch,
+                                                               one_thread, spacing, eta):
+    """DDIMPipeline on the Google models' scheduler (T 1000, clip_sample) against ddpmkit's
+    DDIM with diffusers' spacing, the network's own eps after clipping, and strides of T // S;
+    one generator gives x_T and (eta > 0) each step's noise. In float64, with diffusers' time
+    embedding and ddpmkit's float64 alphas_bar in both: a network with O(1) random weights
+    makes the 50-step ODE chaotic (float32's 1e-6 differences grow to O(1)), which a trained
+    denoiser's is not."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    import ddpmkit.models.unet as unet_module
+
+    monkeypatch.setattr(unet_module, "timestep_embedding", lambda t, dim: get_timestep_embedding(
+        t, dim, flip_sin_to_cos=False, downscale_freq_shift=1))
+    save_model_folder(tmp_path, TINY, SCHEDULER_CIFAR10)
+    model, config = load_model_from_checkpoint(str(tmp_path))
+    diffusion = build_diffusion(config["diffusion"])
+    scheduler = diffusers.DDIMScheduler.from_config(
+        {**SCHEDULER_CIFAR10, "timestep_spacing": spacing})
+    pipe = diffusers.DDIMPipeline(unet=diffusers.UNet2DModel.from_pretrained(str(tmp_path))
+                                  .double(), scheduler=scheduler)
+    # diffusers keeps float32 tables (1e-5 relative from float64 ones after 1000 products);
+    # the pipeline rebuilds its scheduler, so set them on the pipeline's
+    pipe.scheduler.alphas_cumprod = torch.from_numpy(diffusion.alphas_bar.copy())
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), eta=eta,
+                  num_inference_steps=50, output_type="np").images
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn((2, 3, 8, 8), generator=g, dtype=torch.float64)
+    sampler = make_sampler(diffusion, "ddim", steps=50, eta=eta, skip_schedule=spacing,
+                           eps_from="model", step_to="stride")
+    x_0 = sample(diffusion, model.double(), sampler, x_T, generator=g)
+    ours = (x_0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert 0.05 < theirs.std()  # a real image, not a constant
+    assert np.abs(ours - theirs).max() < 1e-4
+    # ddpmkit's own defaults give other images: the switches are what makes them equal
+    default = sample(diffusion, model.double(), make_sampler(diffusion, "ddim", steps=50,
+                                                             eta=eta), x_T.clone(),
+                     generator=torch.Generator().manual_seed(0))
+    assert np.abs((default / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() - theirs).max() \
+        > 1e-2
+
+
 # ---- what does not map ---------------------------------------------------------------------
 @pytest.mark.parametrize("change, key", [
     ({"class_embed_type": "timestep"}, "class_embed_type"),
