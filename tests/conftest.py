@@ -1,13 +1,27 @@
 """Shared fixtures."""
 
+import os
+
 import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only fight over the shared cores (runs vary 10x)."""
+@pytest.fixture(scope="session", autouse=True)
+def single_threaded():
+    """The tests run tiny tensors: intra-op threads only fight over the shared cores (runs
+    vary 10x, and a busy machine makes spinning OpenMP threads far slower still). One thread
+    here, and in the subprocesses the tests start (OMP_NUM_THREADS), unless the user set it."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     yield
     torch.set_num_threads(threads)
+    if saved is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Kept for the tests that ask for it by name (every test now runs single-threaded)."""
+    yield

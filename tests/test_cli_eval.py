@@ -158,6 +158,7 @@ def _last_record(tmp_path):
     return json.loads((tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_compile_flag_compiles_inception(tmp_path, accept_random_weights, capsys,
                                          monkeypatch):
     from ddpmkit.metrics.inception import FIDInceptionV3
