@@ -1,6 +1,9 @@
 """Errors that reach the user as one line, not a traceback."""
 
 import signal
+from typing import Optional, Type, TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 
 class UserError(Exception):
@@ -32,3 +35,16 @@ def user_message(exc: UserError) -> str:
         if sep and name.rsplit(".", 1)[-1] == type(exc).__name__:
             return message.strip()
     return text
+
+
+def cause_of_type(exc: Optional[BaseException], kind: Type[E]) -> Optional[E]:
+    """The first exception of type `kind` in `exc`'s chain (itself, its cause or context, ...):
+    torch's C++ code reports a Python exception raised inside it (an OSError from a full disk,
+    a KeyboardInterrupt) as a RuntimeError whose context is the original."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -14,7 +14,7 @@ import re
 import sys
 from typing import Callable, List, Optional
 
-from ddpmkit.errors import UserError, user_message
+from ddpmkit.errors import UserError, cause_of_type, user_message
 
 # subcommand name -> (module under ddpmkit.cli, what it does)
 SUBCOMMANDS = {
@@ -73,16 +73,29 @@ def add_speed_flags(group, what: str) -> None:
                             "(MODE defaults to default)")
 
 
-def _interrupt_in_chain(exc: BaseException) -> Optional[KeyboardInterrupt]:
-    """The KeyboardInterrupt behind `exc`, if one caused it: Ctrl-C landing inside torch's C++
-    code can come back as a RuntimeError whose context is the interrupt."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+def add_weights_flags(group, what: str = "use") -> None:
+    """`--use-ema`, `--no-ema` and `--group-norm-eps`: which weights of a checkpoint to take,
+    shared by generate and eval (`weights_choice` reads them back)."""
+    group.add_argument("--use-ema", action="store_true",
+                       help="demand the EMA weights (an error if the checkpoint has none); "
+                            "without it they are used whenever the checkpoint has them")
+    group.add_argument("--no-ema", action="store_true",
+                       help=f"{what} the raw weights even when the checkpoint has EMA weights")
+    group.add_argument("--group-norm-eps", type=float, default=None,
+                       help="GroupNorm epsilon of checkpoints without a config (the reference "
+                            "project's files): 1e-5, the default, for its released "
+                            "checkpoints; 1e-6 for models trained with its code after "
+                            "2023-07-16")
+
+
+def weights_choice(args) -> Optional[bool]:
+    """The `use_ema` of the loaders from those flags: True, False, or None (EMA if present);
+    contradictory or impossible values are a UserError."""
+    if args.use_ema and args.no_ema:
+        raise UserError("--use-ema and --no-ema contradict each other; give one")
+    if args.group_norm_eps is not None and not args.group_norm_eps > 0:
+        raise UserError(f"--group-norm-eps must be positive, got {args.group_norm_eps}")
+    return True if args.use_ema else False if args.no_ema else None
 
 
 def run_guarded(fn: Callable[[], Optional[int]]) -> int:
@@ -98,7 +111,7 @@ def run_guarded(fn: Callable[[], Optional[int]]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if _interrupt_in_chain(exc) is None:
+        if cause_of_type(exc, KeyboardInterrupt) is None:
             raise
         print("interrupted", file=sys.stderr)
         return 130

@@ -15,7 +15,13 @@ import os
 import sys
 import time
 
-from ddpmkit.cli import CLIParser, run_guarded, setup_logging
+from ddpmkit.cli import (
+    CLIParser,
+    add_weights_flags,
+    run_guarded,
+    setup_logging,
+    weights_choice,
+)
 from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -94,15 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "reference project's), .safetensors file, diffusers folder or Hub id")
     g.add_argument("--config-path", default=None, help="JSON config for checkpoints that carry "
                    "none (default: configs/<dataset>.json)")
-    g.add_argument("--use-ema", action="store_true",
-                   help="demand the EMA weights (an error if the checkpoint has none); without "
-                        "it they are used whenever the checkpoint has them")
-    g.add_argument("--no-ema", action="store_true",
-                   help="evaluate the raw weights even when the checkpoint has EMA weights")
-    g.add_argument("--group-norm-eps", type=float, default=None,
-                   help="GroupNorm epsilon of checkpoints without a config (the reference "
-                        "project's files): 1e-5, the default, for its released checkpoints; "
-                        "1e-6 for models trained with its code after 2023-07-16")
+    add_weights_flags(g, "evaluate")
     g.add_argument("--bpd-split", default="test", help="dataset split to evaluate on")
     p.add_argument("--kid-subsets", type=int, default=100, help="number of KID subsets")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset")
@@ -125,10 +123,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--num-workers must be >= 0")
     if args.sample_folder and args.folder_name:
         raise UserError("give --sample-folder PATH or --folder-name NAME, not both")
-    if args.use_ema and args.no_ema:
-        raise UserError("--use-ema and --no-ema contradict each other; give one")
-    if args.group_norm_eps is not None and not args.group_norm_eps > 0:
-        raise UserError(f"--group-norm-eps must be positive, got {args.group_norm_eps}")
+    weights_choice(args)
 
 
 def _check_counts(args: argparse.Namespace, metrics: list[str], num_samples: int,
@@ -206,7 +201,7 @@ def bits_per_dim(args: argparse.Namespace, device, progress: bool) -> dict:
         except UserError:
             if args.config_path:
                 raise
-    use_ema = True if args.use_ema else False if args.no_ema else None  # None: EMA if present
+    use_ema = weights_choice(args)
     model, config = load_model_from_checkpoint(args.chkpt_path, fallback, use_ema, device,
                                                group_norm_eps=args.group_norm_eps)
     diffusion = build_diffusion(config["diffusion"], decoder="discretized")

@@ -35,7 +35,14 @@ from ddpmkit.choices import (
     SAMPLERS,
     SKIP_SCHEDULES,
 )
-from ddpmkit.cli import CLIParser, add_speed_flags, run_guarded, setup_logging
+from ddpmkit.cli import (
+    CLIParser,
+    add_speed_flags,
+    add_weights_flags,
+    run_guarded,
+    setup_logging,
+    weights_choice,
+)
 from ddpmkit.config import find_config_file, load_json, parse_with_explicit
 from ddpmkit.errors import UserError, signal_name
 
@@ -76,15 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dir", default="./images/eval",
                    help="the sample folder <dataset><suffix> is created in here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--use-ema", action="store_true",
-                   help="demand the EMA weights (an error if the checkpoint has none); without "
-                        "it they are used whenever the checkpoint has them")
-    p.add_argument("--no-ema", action="store_true",
-                   help="use the raw weights even when the checkpoint has EMA weights")
-    p.add_argument("--group-norm-eps", type=float, default=None,
-                   help="GroupNorm epsilon of checkpoints without a config (the reference "
-                        "project's files): 1e-5, the default, for its released checkpoints; "
-                        "1e-6 for models trained with its code after 2023-07-16")
+    add_weights_flags(p, "use")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm: ancestral, all T steps; ddim: --steps of them, --eta noise; "
                         "dpm-solver++: 2nd-order multistep ODE solver for 10-25 steps")
@@ -158,10 +157,7 @@ def check_args(args: argparse.Namespace, typed: set[str]) -> None:
             raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.eta < 0:
         raise UserError(f"--eta must be >= 0, got {args.eta}")
-    if args.use_ema and args.no_ema:
-        raise UserError("--use-ema and --no-ema contradict each other; give one")
-    if args.group_norm_eps is not None and not args.group_norm_eps > 0:
-        raise UserError(f"--group-norm-eps must be positive, got {args.group_norm_eps}")
+    weights_choice(args)
     if "eta" in typed and args.sampler != "ddim" and args.eta != 0:
         raise UserError(f"--eta applies to ddim only, not to {args.sampler}")
     if (args.ddim_eps_from or args.ddim_step_to) and args.sampler != "ddim":
@@ -240,7 +236,7 @@ def _load_model(args: argparse.Namespace, typed: set[str], device):
     config = None if has_config else fallback_config(args, typed)
     if has_config and args.config_path:
         log.warning("%s carries its own config; --config-path is not used", path)
-    use_ema = True if args.use_ema else False if args.no_ema else None  # None: EMA if present
+    use_ema = weights_choice(args)
     weights = choose_weights(ckpt, use_ema, repr(path))
     model, config = model_from_checkpoint_dict(ckpt, config, use_ema, device, repr(path),
                                                group_norm_eps=args.group_norm_eps)

@@ -16,9 +16,9 @@ import os
 from typing import Any
 
 from ddpmkit.errors import UserError
+from ddpmkit.utils.io import sha256_of_file
 
 # Bytes read at a time while hashing.
-HASH_CHUNK = 1 << 22
 
 
 def resolve_checkpoint(spec: str, cache_dir: str | None = None) -> str:
@@ -54,23 +54,15 @@ def load_checkpoint_any(path: str) -> dict[str, Any]:
     return load_checkpoint(path, map_location="cpu", allow_numpy_scalars=True)
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def checkpoint_digest(path: str) -> str:
     """sha256 of a checkpoint file; of a folder, sha256 over (name, sha256) of the files the
     model is read from, so any change to the weights or configs changes it."""
     if not os.path.isdir(path):
-        return _file_sha256(path)
+        return sha256_of_file(path)
     from ddpmkit.interop.diffusers_folder import used_files
 
     digest = hashlib.sha256()
     for file in used_files(path):
         name = os.path.relpath(file, os.path.abspath(path))
-        digest.update(f"{name}\0{_file_sha256(file)}\n".encode())
+        digest.update(f"{name}\0{sha256_of_file(file)}\n".encode())
     return digest.hexdigest()

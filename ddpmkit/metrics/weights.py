@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ddpmkit.errors import UserError
+from ddpmkit.utils.io import sha256_of_file
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +48,6 @@ INCEPTION_WEIGHTS = WeightsFile(
     num_bytes=95_628_359,
     alt_filenames=("weights-inception-2015-12-05-6726825d.pth",),  # torch-fidelity's cache name
 )
-
-
-def sha256_of_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_weights_file(path: str, spec: WeightsFile) -> None:

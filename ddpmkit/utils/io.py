@@ -7,14 +7,25 @@ the path and the cause; the old file is untouched.
 """
 
 import errno
+import hashlib
 import io
 import os
 import tempfile
-from typing import Callable, Optional
+from typing import Callable
 
-from ddpmkit.errors import UserError
+from ddpmkit.errors import UserError, cause_of_type
 
 TEMP_SUFFIX = ".tmp"
+HASH_CHUNK_BYTES = 1 << 22
+
+
+def sha256_of_file(path: str) -> str:
+    """The file's sha256 hex digest, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_dir(folder: str) -> None:
@@ -36,21 +47,9 @@ def _umask() -> int:
     return mask
 
 
-def os_error_in(exc: BaseException) -> Optional[OSError]:
-    """The OSError behind `exc`: torch.save reports a failed write as a RuntimeError from its
-    C++ writer ("unexpected pos", "file write failed") whose context is the OSError."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def write_error(path: str, exc: BaseException) -> UserError:
     """A one-line UserError for a failed write of `path`, naming the cause."""
-    os_error = os_error_in(exc)
+    os_error = cause_of_type(exc, OSError)
     if os_error is not None and os_error.errno is not None:
         cause = os.strerror(os_error.errno)
         code = errno.errorcode.get(os_error.errno, "")
@@ -107,7 +106,7 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None],
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(exc, Exception) and os_error_in(exc) is not None:
+        if isinstance(exc, Exception) and cause_of_type(exc, OSError) is not None:
             raise write_error(path, exc) from exc
         raise
     if durable:
