@@ -83,3 +83,39 @@ def final_state(tmp_path: Path, name: str = "run"):
     from ddpmkit.training.checkpoint import newest_checkpoint
 
     return newest_checkpoint([str(p) for p in (tmp_path / "chkpts" / name).glob("*.pt")]).state
+
+
+def same_tensors(a, b):
+    """Assert two (nested dicts / lists of) tensors and values are exactly equal."""
+    import torch
+
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            same_tensors(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            same_tensors(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def random_inception_weights(folder: Path, seed: int):
+    """(path, spec): Inception weights with random O(1) values saved in `folder`, and the weights
+    spec whose hash accepts them (tests monkeypatch it in place of the real file's)."""
+    import dataclasses
+
+    import torch
+
+    from ddpmkit.metrics import inception as inc
+    from ddpmkit.metrics import weights as wts
+
+    model = inc.randomize_weights_(inc.FIDInceptionV3(), torch.Generator().manual_seed(seed))
+    path = folder / "random_inception.pth"
+    torch.save(model.state_dict(), path)
+    spec = dataclasses.replace(wts.INCEPTION_WEIGHTS, sha256=wts.sha256_of_file(str(path)),
+                               num_bytes=path.stat().st_size)
+    return str(path), spec

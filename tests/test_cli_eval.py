@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import random_inception_weights
 from PIL import Image
 
 from ddpmkit.cli import eval as cli_eval
@@ -33,12 +34,7 @@ README_FLAGS = ["--root", "--dataset", "--model-device", "--eval-device", "--eva
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """(path, spec) of random Inception weights and the spec that accepts them."""
-    model = inc.randomize_weights_(inc.FIDInceptionV3(), torch.Generator().manual_seed(3))
-    path = str(tmp_path_factory.mktemp("weights") / "random_inception.pth")
-    torch.save(model.state_dict(), path)
-    spec = dataclasses.replace(wts.INCEPTION_WEIGHTS, sha256=wts.sha256_of_file(path),
-                               num_bytes=os.path.getsize(path))
-    return path, spec
+    return random_inception_weights(tmp_path_factory.mktemp("weights"), seed=3)
 
 
 @pytest.fixture

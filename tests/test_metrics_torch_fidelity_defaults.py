@@ -8,17 +8,15 @@ Inception (the CLI accepts only the real weights' hash: the test substitutes its
 test_cli_eval.py does).
 """
 
-import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
+from helpers import random_inception_weights
 from PIL import Image
 
 from ddpmkit.cli import eval as cli_eval
-from ddpmkit.metrics import inception as inc
 from ddpmkit.metrics import weights as wts
 from ddpmkit.metrics.evaluate import compute_metrics
 from ddpmkit.metrics.inception import InceptionFeatures
@@ -98,12 +96,7 @@ def test_compute_metrics_passes_samples_first_and_the_rng_seed():
 # ---- end to end: two folders, the CLI against torch_fidelity.calculate_metrics ---------------
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory):
-    model = inc.randomize_weights_(inc.FIDInceptionV3(), torch.Generator().manual_seed(11))
-    path = str(tmp_path_factory.mktemp("weights") / "random_inception.pth")
-    torch.save(model.state_dict(), path)
-    spec = dataclasses.replace(wts.INCEPTION_WEIGHTS, sha256=wts.sha256_of_file(path),
-                               num_bytes=os.path.getsize(path))
-    return path, spec
+    return random_inception_weights(tmp_path_factory.mktemp("weights"), seed=11)
 
 
 def _write_pngs(folder, n, seed, shift):

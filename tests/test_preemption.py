@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, final_state, run_args, write_fake_cifar
+from helpers import TINY, final_state, run_args, same_tensors, write_fake_cifar
 
 from ddpmkit.cli.train import main
 from ddpmkit.training.checkpoint import load_checkpoint
@@ -43,23 +43,8 @@ def common(cifar_root, *extra, batch=4):
 def same_training_state(a, b):
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
     for key in ("model", "optimizer", "scheduler"):
-        _same(a[key], b[key])
-    _same(a["ema"]["shadow"], b["ema"]["shadow"])
-
-
-def _same(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _same(x, y)
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b
+        same_tensors(a[key], b[key])
+    same_tensors(a["ema"]["shadow"], b["ema"]["shadow"])
 
 
 def _signal_self_at(monkeypatch, step, signum):

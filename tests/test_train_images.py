@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, final_state, run_args, write_fake_cifar
+from helpers import TINY, final_state, run_args, same_tensors, write_fake_cifar
 
 from ddpmkit.cli.train import main
 from ddpmkit.training.checkpoint import load_checkpoint
@@ -51,21 +51,6 @@ def test_reference_shim_dry_run(cifar_root, tmp_path):
     assert final_state(tmp_path)["step"] == 1
 
 
-def _same_tensors(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _same_tensors(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _same_tensors(x, y)
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b
-
-
 def test_exact_resume_mid_epoch_is_bit_identical(cifar_root, tmp_path):
     # 40 images, batch 8: 5 updates per epoch; 7 updates cross an epoch boundary and the
     # stop at 3 lands mid-epoch.
@@ -80,7 +65,7 @@ def test_exact_resume_mid_epoch_is_bit_identical(cifar_root, tmp_path):
     straight, resumed = final_state(tmp_path, "straight"), final_state(tmp_path, "split")
     assert straight["step"] == resumed["step"] == 7
     for key in ("model", "ema", "optimizer", "scheduler"):
-        _same_tensors(straight[key], resumed[key])
+        same_tensors(straight[key], resumed[key])
 
 
 def test_resume_without_checkpoint_is_an_error(cifar_root, tmp_path, capsys):
