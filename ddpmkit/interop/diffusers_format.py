@@ -174,6 +174,9 @@ def unet_config_from_model(model_cfg: Mapping[str, Any], resolution: int) -> dic
     from ddpmkit.models.unet import MODEL_DEFAULTS
 
     m = {**MODEL_DEFAULTS, **model_cfg}
+    if m.get("num_classes"):
+        raise UserError("a class-conditional model has no DDPMPipeline equivalent; export it "
+                        "with --format safetensors")
     if m["block_size"] != 1:
         raise UserError(f"block_size {m['block_size']} (pixel shuffle) has no UNet2DModel "
                         "equivalent; only block_size 1 models export to diffusers")
