@@ -253,3 +253,117 @@ def test_config_num_classes_without_class_cond_is_refused(tmp_path, capsys):
     config.write_text(json.dumps({"model": {"num_classes": 2}}))
     code = _train(tmp_path, "--root", str(root), "--config-path", str(config), "--dry-run")
     _one_line_error(capsys, code, "add --class-cond")
+
+
+# ---- eval --per-class --------------------------------------------------------------------
+def _fake_cifar_test_split(root, labels):
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (len(labels), 3 * 32 * 32), dtype=np.uint8)
+    entry = {b"data": data, b"labels": list(labels)}
+    (folder / "test_batch").write_bytes(pickle.dumps(entry, protocol=2))
+    return root
+
+
+def _labeled_samples(folder, labels, names):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(len(labels)):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            folder / f"{i:06d}.png")
+    rows = ["file,label,class"] + [f"{i:06d}.png,{k},{names[k]}" for i, k in enumerate(labels)]
+    (folder / LABELS_NAME).write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture
+def random_inception(tmp_path, monkeypatch):
+    import dataclasses
+
+    from ddpmkit.metrics import inception as inc
+    from ddpmkit.metrics import weights as wts
+
+    model = inc.randomize_weights_(inc.FIDInceptionV3(), torch.Generator().manual_seed(3))
+    path = str(tmp_path / "random_inception.pth")
+    torch.save(model.state_dict(), path)
+    spec = dataclasses.replace(wts.INCEPTION_WEIGHTS, sha256=wts.sha256_of_file(path),
+                               num_bytes=os.path.getsize(path))
+    monkeypatch.setattr(wts, "INCEPTION_WEIGHTS", spec)
+    return path
+
+
+@pytest.mark.slow
+def test_eval_per_class(tmp_path, random_inception, capsys):
+    from ddpmkit.metrics.evaluate import per_class_fid
+    from ddpmkit.metrics.folder import folder_batches
+    from ddpmkit.metrics.inception import extract_features, load_fid_inception
+    from ddpmkit.metrics.stats import load_reference_stats
+
+    root = _fake_cifar_test_split(tmp_path / "data", [0, 0, 0, 1, 1, 1, 2, 2])
+    cifar = ["airplane", "automobile", "bird"]
+    _labeled_samples(tmp_path / "eval" / "s", [0, 1, 2, 0, 1, 2], cifar)
+
+    def argv(samples):
+        return ["eval", "--dataset", "cifar10", "--root", str(root), "--ref-split", "test",
+                "--sample-folder", str(tmp_path / "eval" / samples), "--precomputed-dir",
+                str(tmp_path / "pre"), "--inception-weights", random_inception, "--device",
+                "cpu", "--num-workers", "0", "--eval-batch-size", "4", "--metrics", "fid",
+                "--per-class"]
+
+    assert ddpmkit_main(argv("s")) == 0
+    out = capsys.readouterr().out
+    assert "FID class 2 (bird):" in out and "FID per class, mean:" in out
+    record = json.loads((tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()[-1])
+    metrics = record["metrics"]
+    assert set(metrics) == {"fid", "fid_class_0", "fid_class_1", "fid_class_2", "fid_class_mean"}
+    # The numbers: per-class FID of the samples' features against the cached labelled ones.
+    ref = load_reference_stats(str(tmp_path / "pre" / "inception_cifar10_test.npz"))
+    assert ref.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    model = load_fid_inception(random_inception, "cpu")
+    feats = extract_features(model, folder_batches(str(tmp_path / "eval" / "s"), 4))
+    expected = per_class_fid(feats.pool, [0, 1, 2, 0, 1, 2], ref)
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-6)
+    # Samples of other classes than the reference's are refused before any work.
+    _labeled_samples(tmp_path / "eval" / "t", [0, 1], ["cat", "dog"])
+    code = ddpmkit_main(argv("t"))
+    _one_line_error(capsys, code, "the samples' classes do not match cifar10's (0 is 'cat' "
+                                  "there, 'airplane' in cifar10)")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--ref-folder", "x"], "a --ref-folder has no labels"),
+    ([], "has no labels.csv"),
+])
+def test_eval_per_class_errors(tmp_path, capsys, extra, needle):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "000000.png")
+    code = ddpmkit_main(["eval", "--dataset", "cifar10", "--sample-folder", str(folder),
+                         "--per-class", "--inception-weights", str(tmp_path / "none.pth"),
+                         "--device", "cpu", "--num-workers", "0", *extra])
+    _one_line_error(capsys, code, needle)
+
+
+@pytest.mark.parametrize("flags", [["--class-dropout", "0.2"], ["--guidance-scale", "2"]])
+def test_train_class_flags_without_class_cond(tmp_path, capsys, flags):
+    root = _image_folder(tmp_path / "data")
+    code = _train(tmp_path, "--root", str(root), "--dry-run", *flags)
+    _one_line_error(capsys, code, "apply to class-conditional runs: add --class-cond")
+
+
+def test_diffusers_export_refuses_a_class_conditional_model(tmp_path, capsys,
+                                                          conditional_checkpoint):
+    code = ddpmkit_main(["export", conditional_checkpoint, "--format", "diffusers",
+                         str(tmp_path / "out")])
+    _one_line_error(capsys, code, "class-conditional model has no DDPMPipeline equivalent")
+    assert not (tmp_path / "out").exists()
+    assert ddpmkit_main(["export", conditional_checkpoint, "--format", "safetensors",
+                         str(tmp_path / "m.safetensors")]) == 0
+    capsys.readouterr()
+    code, _, err = _generate(capsys, "--chkpt-path", tmp_path / "m.safetensors", "--total-size",
+                             1, "--sampler", "ddim", "--steps", 1, "--save-dir", tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "cifar10" / LABELS_NAME).read_text().splitlines()[1] == "000000.png,0,c0"

@@ -267,11 +267,11 @@ def evaluate(args: argparse.Namespace) -> int:
     sample_folder = sample_folder_of(args)
     loader = folder_batches(sample_folder, args.eval_batch_size, args.num_workers,
                             max_images=args.eval_total_size, seed=args.seed)
+    labels = names = None
+    if args.per_class:  # before any work: missing or mismatched labels fail fast
+        labels, names = sample_labels(sample_folder, loader.dataset.paths, args.dataset)
     model = load_fid_inception(args.inception_weights, model_device, tf32=args.tf32,
                                compile=args.compile)
-    labels = names = None
-    if args.per_class:  # before any features: a missing labels file fails fast
-        labels, names = sample_labels(sample_folder, loader.dataset.paths, args.dataset)
     ref = None
     if NEEDS_REFERENCE.intersection(metrics) or args.per_class:  # a missing reference fails fast
         ref = reference_stats(args, model, progress)

@@ -372,6 +372,17 @@ def validate_config(config: Dict[str, Any]) -> None:
         raise UserError("--dataset folder needs --image-size N")
 
 
+def check_class_flags(config: Dict[str, Any], typed: Set[str]) -> None:
+    """The class-conditioning flags mean nothing without --class-cond: typed alone, they are
+    refused rather than ignored."""
+    if config["train"].get("class_cond"):
+        return
+    given = [f"--{d.replace('_', '-')}" for d in ("class_dropout", "guidance_scale") if d in typed]
+    if given:
+        raise UserError(f"{' and '.join(given)} apply to class-conditional runs: add "
+                        "--class-cond")
+
+
 def launch_options(args: argparse.Namespace) -> Dict[str, Any]:
     """What the launch needs besides the config, as plain values."""
     if args.chkpt_path and not args.resume:
@@ -396,6 +407,7 @@ def run(args: argparse.Namespace, typed: Set[str], parser: argparse.ArgumentPars
         raise UserError(f"--num-gpus must be at least 1, got {args.num_gpus}")
     config = resolve_config(args, typed, parser)
     validate_config(config)
+    check_class_flags(config, typed)
     from ddpmkit.training.images import launch
 
     return launch(config, options)

@@ -6,6 +6,9 @@ settings (typed flags still win). Every `--eval-intv` epochs and at the end, the
 points, prints the metrics (2-D histogram KL against the estimator's floor, and for the Gaussian
 mixtures modes covered and the share of points within 3 std of a mode) and saves a
 true-vs-generated scatter plot; at the end it also writes an animation of those plots.
+`--class-cond` makes the network conditional on the mixture's mode index (classifier-free
+guidance): the evaluations then ask for each mode in turn, sample with `--guidance-scale`, and
+also report the share of points within 3 std of the mode they asked for.
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ class SampleGrid(Callback):
 
     def _layout(self, num_classes: Optional[int]):
         """(images, images per row, denoise_fn maker): a class-conditional model gets one class
-        per row (K rows of num // K, guided), an unconditional one the plain grid."""
+        per row (K rows of num // K, guided); an unconditional one, or a grid of fewer images
+        than classes, the plain grid (a conditional network then predicts for "no class")."""
         from ddpmkit.diffusion import classifier_free_guidance
 
         if num_classes is None or self.num < num_classes:
