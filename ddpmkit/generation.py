@@ -198,15 +198,18 @@ def write_labels_file(folder: str, labels: ClassLabels, count: int,
                       names: Sequence[str] | None = None) -> str:
     """`folder/labels.csv` (file,label,class) for samples 0..count-1, written atomically.
     Deterministic: a rerun writes the same lines (plus any for a larger count)."""
-    lines = ["file,label,class"]
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")  # quotes names with commas or quotes
+    writer.writerow(["file", "label", "class"])
     for index, label in enumerate(labels.of(range(count))):
         name = names[label] if names and label < len(names) else str(label)
-        if "," in name or '"' in name:
-            name = '"' + name.replace('"', '""') + '"'
-        lines.append(f"{SAMPLE_NAME.format(index)},{label},{name}")
+        writer.writerow([SAMPLE_NAME.format(index), label, name])
     path = os.path.join(folder, LABELS_NAME)
     os.makedirs(folder, exist_ok=True)
-    write_file_atomic(path, ("\n".join(lines) + "\n").encode())
+    write_file_atomic(path, text.getvalue().encode())
     return path
 
 

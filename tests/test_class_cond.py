@@ -280,6 +280,23 @@ def test_class_labels_plan():
     assert class_grid_indices(3, 64, 2) == ([0, 1], 1)
 
 
+def test_labels_file_round_trip(tmp_path):
+    from ddpmkit.generation import class_labels, read_labels_file, write_labels_file
+
+    path = write_labels_file(str(tmp_path), class_labels(3, ["2", "0"]), 5,
+                             names=["a,b", 'say "c"', "d"])
+    assert open(path).read().splitlines() == [
+        "file,label,class", '000000.png,2,d', '000001.png,0,"a,b"', '000002.png,2,d',
+        '000003.png,0,"a,b"', '000004.png,2,d']
+    by_file, names = read_labels_file(str(tmp_path))
+    assert by_file == {"000000.png": 2, "000001.png": 0, "000002.png": 2, "000003.png": 0,
+                       "000004.png": 2}
+    assert names == {2: "d", 0: "a,b"}
+    write_labels_file(str(tmp_path), class_labels(3), 1, names=['say "c"'] * 3)
+    assert read_labels_file(str(tmp_path))[1] == {0: 'say "c"'}
+    assert read_labels_file(str(tmp_path / "none")) is None
+
+
 def test_guided_sampling_is_per_sample_whatever_the_batch(one_thread):
     from ddpmkit.generation import Guidance, class_labels, sample_indexed
 

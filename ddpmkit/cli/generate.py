@@ -352,7 +352,7 @@ def finish(args: argparse.Namespace, dataset: str, written: int, seconds: float)
                     "`eval` reads every image in the folder", paths["folder"], extra)
     if args.grid:
         rows = _class_rows(paths["folder"])
-        if rows:  # one class per row
+        if rows > 1:  # one class per row
             indices, cols = class_grid_indices(rows, args.grid_size, args.total_size)
             files = [sample_path(paths["folder"], i) for i in indices]
         else:
