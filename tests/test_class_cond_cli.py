@@ -139,7 +139,8 @@ def test_generate_one_class_by_name_and_learned_variance(tmp_path, capsys):
     path = _checkpoint(tmp_path, num_classes=3, var_type="learned",
                        names=["cat", "dog", "owl"])
     code, _, err = _generate(capsys, "--chkpt-path", path, "--total-size", 4, "--sampler",
-                             "ddpm", "--class-label", "owl,0", "--save-dir", tmp_path)
+                             "dpm-solver++", "--steps", 3, "--class-label", "owl,0",
+                             "--save-dir", tmp_path)
     assert code == 0, err
     with open(tmp_path / "cifar10" / LABELS_NAME, newline="") as f:
         labels = [(int(r["label"]), r["class"]) for r in csv.DictReader(f)]
