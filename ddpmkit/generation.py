@@ -13,6 +13,11 @@ References:
 
 Symbols: `B` batch, `*S` the sample shape (C, H, W) for images; a stream is 0 for x_T and
 1 + i for the noise of sampler step i (i = 0 .. S-1).
+
+Class-conditional models: sample i asks for class `classes[i mod n]` (`ClassLabels`: all K
+classes in order by default, or the ones requested), a function of i alone like its noise, and
+is sampled with classifier-free guidance (`Guidance`). The labels are written beside the PNGs
+as `labels.csv` (file,label,class).
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ from typing import Callable
 import torch
 
 from ddpmkit.devices import compile_mode, compile_module, inductor_freezing
+from ddpmkit.diffusion.gaussian import DenoiseFn
+from ddpmkit.diffusion.guidance import ConditionalNet, classifier_free_guidance
 from ddpmkit.diffusion.samplers import NoiseFn, StepInfo, sample
 from ddpmkit.errors import UserError
 from ddpmkit.training.distributed import DistInfo, env_dist_info
@@ -123,28 +130,146 @@ class IndexedNoise:
         return lambda i, x: self.normal(indices, 1 + i, x.shape[1:], x.device, x.dtype)
 
 
-def sample_indexed(diffusion, denoise_fn, sampler, indices: Sequence[int], shape: Sequence[int],
+# ---- class labels and guidance -------------------------------------------------------------
+LABELS_NAME = "labels.csv"
+# Guidance scale w when none is asked for (eq. 6 of Ho & Salimans 2022; 0: the plain
+# conditional model). See the README's class-conditioning section for what w does.
+DEFAULT_GUIDANCE_SCALE = 1.0
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """Which class each sample asks for: sample i gets `classes[i mod len(classes)]`, a
+    function of its index alone (so of no batch size or process count), and spread evenly."""
+    classes: tuple[int, ...]
+    num_classes: int
+
+    @property
+    def rule(self) -> str:
+        """The rule in words, for the manifest."""
+        return f"label of sample i = {list(self.classes)}[i mod {len(self.classes)}]"
+
+    def of(self, indices: Sequence[int]) -> list[int]:
+        n = len(self.classes)
+        return [self.classes[int(i) % n] for i in indices]
+
+
+def class_labels(num_classes: int, requested: Sequence[int | str] | None = None,
+                 names: Sequence[str] | None = None) -> ClassLabels:
+    """The labels plan: every class 0..K-1 in turn, or the `requested` ones (ints, or class
+    names from `names`). Out-of-range or unknown labels are a UserError."""
+    if not requested:
+        return ClassLabels(tuple(range(num_classes)), num_classes)
+    classes = []
+    for value in requested:
+        text = str(value).strip()
+        if names and text in names and not text.lstrip("-").isdigit():
+            classes.append(list(names).index(text))
+            continue
+        try:
+            label = int(text)
+        except ValueError:
+            known = f" or one of {', '.join(names)}" if names else ""
+            raise UserError(f"class label {text!r} is not a number{known}") from None
+        if not 0 <= label < num_classes:
+            raise UserError(f"class label {label} is out of range: the model knows classes "
+                            f"0..{num_classes - 1}")
+        classes.append(label)
+    return ClassLabels(tuple(classes), num_classes)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How a class-conditional network is sampled: `net(x_t, t, y)` (e.g. from
+    `make_denoise_fn`), the labels plan, and the guidance scale w."""
+    net: ConditionalNet
+    labels: ClassLabels
+    scale: float
+    learned_variance: bool = False
+
+    def bind(self, indices: Sequence[int], device) -> DenoiseFn:
+        """`denoise_fn(x_t, t)` for these samples: guided towards their labels."""
+        y = torch.as_tensor(self.labels.of(indices), dtype=torch.long, device=device)
+        return classifier_free_guidance(self.net, y, self.labels.num_classes, self.scale,
+                                        self.learned_variance)
+
+
+def write_labels_file(folder: str, labels: ClassLabels, count: int,
+                      names: Sequence[str] | None = None) -> str:
+    """`folder/labels.csv` (file,label,class) for samples 0..count-1, written atomically.
+    Deterministic: a rerun writes the same lines (plus any for a larger count)."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")  # quotes names with commas or quotes
+    writer.writerow(["file", "label", "class"])
+    for index, label in enumerate(labels.of(range(count))):
+        name = names[label] if names and label < len(names) else str(label)
+        writer.writerow([SAMPLE_NAME.format(index), label, name])
+    path = os.path.join(folder, LABELS_NAME)
+    os.makedirs(folder, exist_ok=True)
+    write_file_atomic(path, text.getvalue().encode())
+    return path
+
+
+def read_labels_file(folder: str) -> tuple[dict[str, int], dict[int, str]] | None:
+    """({file name: label}, {label: class name}) from `folder/labels.csv`, or None if absent."""
+    import csv
+
+    path = os.path.join(folder, LABELS_NAME)
+    if not os.path.isfile(path):
+        return None
+    labels: dict[str, int] = {}
+    names: dict[int, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                label = int(row["label"])
+                labels[row["file"]] = label
+                names[label] = row.get("class") or str(label)
+    except (OSError, KeyError, ValueError, csv.Error) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+    return labels, names
+
+
+def class_grid_indices(num_rows: int, grid_size: int, total_size: int) -> tuple[list[int], int]:
+    """(sample indices row by row, columns) of a grid with one row per entry of the labels plan:
+    row r holds samples r, r + n, r + 2n, ... (n = num_rows), all of the same class."""
+    rows = min(num_rows, total_size)
+    cols = max(1, min(grid_size // max(rows, 1), total_size // max(num_rows, 1)))
+    return [r + j * num_rows for r in range(rows) for j in range(cols)], cols
+
+
+def _denoiser_for(denoise_fn: DenoiseFn | Guidance, indices: Sequence[int], device) -> DenoiseFn:
+    return denoise_fn.bind(indices, device) if isinstance(denoise_fn, Guidance) else denoise_fn
+
+
+def sample_indexed(diffusion, denoise_fn: DenoiseFn | Guidance, sampler,
+                   indices: Sequence[int], shape: Sequence[int],
                    seed: int, device, dtype: torch.dtype = torch.float32,
                    callback: Callable[[StepInfo], None] | None = None,
                    progress: bool = False) -> torch.Tensor:
-    """Samples number `indices` (B,) of the seed's sequence: x_0 (B, *shape) on `device`."""
+    """Samples number `indices` (B,) of the seed's sequence: x_0 (B, *shape) on `device`.
+    `denoise_fn` is the network, or a `Guidance` for a class-conditional one."""
     indices = [int(i) for i in indices]
     if min(indices, default=0) < 0:
         raise ValueError("sample indices must be non-negative")
     noise = IndexedNoise(seed)
     idx = torch.as_tensor(indices, dtype=torch.long, device=device)
     x_T = noise.normal(idx, X_T_STREAM, shape, device, dtype)
-    return sample(diffusion, denoise_fn, sampler, x_T, noise_fn=noise.step_noise_fn(idx),
-                  callback=callback, progress=progress)
+    return sample(diffusion, _denoiser_for(denoise_fn, indices, device), sampler, x_T,
+                  noise_fn=noise.step_noise_fn(idx), callback=callback, progress=progress)
 
 
 def make_denoise_fn(model: torch.nn.Module, precision: str, device, channels_last: bool = False,
                     compile_model: bool | str | None = False, cuda_graph: bool = False,
                     freeze: bool | None = None):
-    """The network as the sampler calls it, `fn(x_t, t) -> float32 output`, with the requested
-    fast paths: bf16 autocast (`precision="bf16"`; the sampler's arithmetic stays float32),
-    channels_last weights and inputs, torch.compile (`compile_model`: True or a mode name), and
-    CUDA-graph replay.
+    """The network as the sampler calls it, `fn(x_t, t) -> float32 output` (or `fn(x_t, t, y)`
+    for a class-conditional network: the labels are an input of every fast path, a CUDA graph
+    included), with the requested fast paths: bf16 autocast (`precision="bf16"`; the
+    sampler's arithmetic stays float32), channels_last weights and inputs, torch.compile
+    (`compile_model`: True or a mode name), and CUDA-graph replay.
 
     `freeze` (default: on CPUs) freezes a compiled network's weights in: inductor treats them
     as constants, folds autocast's per-call weight casts away and, on CPUs, prepacks
@@ -165,14 +290,15 @@ def make_denoise_fn(model: torch.nn.Module, precision: str, device, channels_las
     if precision == "fp32" and not channels_last and not cuda_graph and not freezing:
         return net
 
-    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoise(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+                ) -> torch.Tensor:
         if channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         # No weight-cast cache: each weight is used once per call, and a cache would hold
         # tensors across CUDA-graph captures.
         with inductor_freezing(freezing), torch.autocast(
                 device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
-            return net(x_t, t).float()
+            return (net(x_t, t) if y is None else net(x_t, t, y)).float()
 
     if cuda_graph:
         from ddpmkit.utils.cuda_graphs import CUDAGraphDenoiser
@@ -269,15 +395,17 @@ class GenerateResult:
     stopped: bool = False  # `should_stop` ended it early (a rerun makes the rest)
 
 
-def generate_to_folder(diffusion, denoise_fn, sampler, shape: Sequence[int], folder: str,
+def generate_to_folder(diffusion, denoise_fn: DenoiseFn | Guidance, sampler,
+                       shape: Sequence[int], folder: str,
                        total_size: int, batch_size: int, seed: int, device,
                        env: DistEnv | None = None, max_workers: int = 8,
                        dtype: torch.dtype = torch.float32, progress: bool = False,
                        should_stop: Callable[[], bool] | None = None) -> GenerateResult:
     """Make this process's share of samples 0..total_size-1 as `folder/NNNNNN.png`, skipping
     files that already exist; PNGs are encoded and written by `max_workers` threads (0: inline)
-    while the next batch samples. `should_stop()` is asked after each batch: true ends the run
-    once that batch's files are written."""
+    while the next batch samples. `denoise_fn`: the network, or a `Guidance` (class labels).
+    `should_stop()` is asked after each batch: true ends the run once that batch's files are
+    written."""
     env = env or DistEnv()
     if total_size < 1 or batch_size < 1:
         raise UserError("total size and batch size must be at least 1")

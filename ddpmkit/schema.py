@@ -31,7 +31,7 @@ from ddpmkit.choices import (
 from ddpmkit.errors import UserError
 
 # Kinds of values. "int" also takes a float with an integer value (1e3 in JSON).
-KINDS = ("int", "float", "bool", "str", "int_list", "bool_list", "compile")
+KINDS = ("int", "float", "bool", "str", "int_list", "bool_list", "str_list", "compile")
 
 # What the reference's files call a few things.
 DATASET_ALIASES = {"celeba_hq": "celebahq"}
@@ -87,6 +87,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "download": _bool("download the dataset when it is missing", False),
         "num_workers": _int("data-loading processes (null: up to 4, no more than the CPUs "
                             "this process may use)", low=0, nullable=True),
+        "class_names": Key("str_list", "class names in label order (null: set at run time by "
+                           "train.class_cond: the dataset's, or a folder's subfolders)",
+                           nullable=True),
     },
     "diffusion": {
         "timesteps": _int("number of diffusion steps T", 1000, low=2),
@@ -113,6 +116,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "time_embedding_dim": _int("width of the time embedding (null: 4 x hid_channels)",
                                    low=1, nullable=True),
         "num_groups": _int("GroupNorm groups", 32, low=1),
+        "num_classes": _int("classes of a class-conditional network (null: unconditional; "
+                            "set from the dataset by train.class_cond)", low=1, nullable=True),
     },
     "train": {
         "epochs": _int("total number of training epochs", 50, low=1),
@@ -142,6 +147,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "channels_last": _bool("channels_last memory format (null: off)", nullable=True),
         "compile": Key("compile", "torch.compile the model: a mode (" + ", ".join(COMPILE_MODES)
                        + "), true (default mode) or null/false (off)", nullable=True),
+        "class_cond": _bool("train a class-conditional model on the dataset's labels (mnist, "
+                            "cifar10; folder: one class per subfolder)", False),
+        "class_dropout": _float("probability that a label is replaced by \"no class\" "
+                                "(classifier-free guidance)", 0.1, low=0, high=1,
+                                high_open=True),
     },
     "eval": {
         "enabled": _bool("compute FID during training", False),
@@ -151,6 +161,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "use_ddim": _bool("sample with DDIM (else DDPM)", False),
         "skip_schedule": _choice("DDIM step spacing", "quadratic", SKIP_SCHEDULES),
         "subseq_size": _int("DDIM steps", 50, low=1),
+        "guidance_scale": _float("classifier-free guidance scale w of the sample grids and "
+                                 "FID evaluations of a class-conditional run", 1.0, low=0),
     },
 }
 
@@ -236,6 +248,10 @@ def _kind_error(key: Key, value: Any) -> str | None:
         if not isinstance(value, bool) and (not isinstance(value, (list, tuple)) or not value
                                             or not all(isinstance(v, bool) for v in value)):
             return f"must be true/false or a list of them, got {value!r}"
+    elif key.kind == "str_list":
+        if not isinstance(value, (list, tuple)) or not value or not all(
+                isinstance(v, str) for v in value):
+            return f"must be a non-empty list of strings, got {value!r}"
     elif key.kind == "compile":
         if not isinstance(value, (bool, str)):
             return f"must be a compile mode, true or false, got {value!r}"

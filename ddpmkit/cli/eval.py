@@ -3,7 +3,9 @@
 Samples are the image files in `<eval-dir>/<folder-name>/` (or `--sample-folder PATH`). The
 reference is the real dataset (`--dataset`, statistics cached in `--precomputed-dir`) or another
 folder (`--ref-folder`). Results are printed and appended as one JSON line to `metrics.jsonl`
-beside the sample folder.
+beside the sample folder. Class-conditional samples (a folder with `labels.csv`, as
+`ddpmkit generate` writes it) are scored as a whole like any others; `--per-class` adds the FID
+of each class against the dataset's images of that class.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "none (default: configs/<dataset>.json)")
     add_weights_flags(g, "evaluate")
     g.add_argument("--bpd-split", default="test", help="dataset split to evaluate on")
+    p.add_argument("--per-class", action="store_true",
+                   help="also the FID of each class of class-conditional samples (their "
+                        "labels.csv) against the --dataset images of that class")
     p.add_argument("--kid-subsets", type=int, default=100, help="number of KID subsets")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset")
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
@@ -124,6 +129,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.sample_folder and args.folder_name:
         raise UserError("give --sample-folder PATH or --folder-name NAME, not both")
     weights_choice(args)
+    if args.per_class and args.ref_folder:
+        raise UserError("--per-class compares each class with the --dataset images of that "
+                        "class; a --ref-folder has no labels: drop one of them")
 
 
 def _check_counts(args: argparse.Namespace, metrics: list[str], num_samples: int,
@@ -160,6 +168,33 @@ def sample_folder_of(args: argparse.Namespace) -> str:
     return os.path.join(os.path.expanduser(args.eval_dir), args.folder_name or args.dataset)
 
 
+def sample_labels(folder: str, paths: list[str], dataset: str):
+    """(label per sample path, {label: class name}) from the folder's labels.csv, checked
+    against the reference dataset's class names."""
+    from ddpmkit.data.images import CLASS_NAMES
+    from ddpmkit.generation import LABELS_NAME, read_labels_file
+
+    found = read_labels_file(folder)
+    if found is None:
+        raise UserError(f"--per-class needs the samples' labels: {folder} has no {LABELS_NAME} "
+                        "(`ddpmkit generate` writes it for class-conditional models)")
+    by_file, names = found
+    missing = [os.path.basename(p) for p in paths if os.path.basename(p) not in by_file]
+    if missing:
+        raise UserError(f"{LABELS_NAME} in {folder} has no label for {len(missing)} sample(s), "
+                        f"e.g. {missing[0]}")
+    known = CLASS_NAMES.get(dataset)
+    if known is None:
+        raise UserError(f"--per-class needs a reference dataset with labels "
+                        f"({', '.join(CLASS_NAMES)}), not {dataset}")
+    wrong = [f"{k} is {v!r} there, {known[k]!r} in {dataset}" for k, v in sorted(names.items())
+             if k >= len(known) or (v != str(k) and v != known[k])]
+    if wrong:
+        raise UserError(f"the samples' classes do not match {dataset}'s ({wrong[0]}): "
+                        "per-class FID needs the classes the model was trained on")
+    return [by_file[os.path.basename(p)] for p in paths], {k: known[k] for k in names}
+
+
 def reference_stats(args: argparse.Namespace, model, progress: bool):
     from ddpmkit.metrics.folder import folder_batches
     from ddpmkit.metrics.stats import compute_reference_stats, dataset_reference_stats
@@ -173,7 +208,7 @@ def reference_stats(args: argparse.Namespace, model, progress: bool):
         return dataset_reference_stats(model, args.dataset, args.root, args.precomputed_dir,
                                        split=args.ref_split, batch_size=args.eval_batch_size,
                                        num_workers=args.num_workers, progress=progress,
-                                       download=args.download)
+                                       download=args.download, need_labels=args.per_class)
     except UserError as exc:
         raise UserError(f"{exc}; or pass --ref-folder PATH to compare with a folder of real "
                         "images") from exc
@@ -222,7 +257,7 @@ def bits_per_dim(args: argparse.Namespace, device, progress: bool) -> dict:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from ddpmkit.metrics.evaluate import NEEDS_REFERENCE, compute_metrics
+    from ddpmkit.metrics.evaluate import NEEDS_REFERENCE, compute_metrics, per_class_fid
     from ddpmkit.metrics.folder import folder_batches
     from ddpmkit.metrics.inception import extract_features, load_fid_inception
 
@@ -243,10 +278,13 @@ def evaluate(args: argparse.Namespace) -> int:
     sample_folder = sample_folder_of(args)
     loader = folder_batches(sample_folder, args.eval_batch_size, args.num_workers,
                             max_images=args.eval_total_size, seed=args.seed)
+    labels = names = None
+    if args.per_class:  # before any work: missing or mismatched labels fail fast
+        labels, names = sample_labels(sample_folder, loader.dataset.paths, args.dataset)
     model = load_fid_inception(args.inception_weights, model_device, tf32=args.tf32,
                                compile=args.compile)
     ref = None
-    if NEEDS_REFERENCE.intersection(metrics):  # first: a missing reference fails fast
+    if NEEDS_REFERENCE.intersection(metrics) or args.per_class:  # a missing reference fails fast
         ref = reference_stats(args, model, progress)
         sample_size = tuple(loader.dataset[0].shape[-2:])
         if tuple(ref.image_size) != sample_size:
@@ -261,7 +299,10 @@ def evaluate(args: argparse.Namespace) -> int:
         pr_reference_size=args.eval_total_size, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, is_splits=args.is_splits, seed=args.seed,
         rng_seed=args.rng_seed, device=eval_device))
-    return _report(args, results, sample_folder, features.num_images, ref, model.identity)
+    if args.per_class:
+        results.update(per_class_fid(features.pool, labels, ref))
+    return _report(args, results, sample_folder, features.num_images, ref, model.identity,
+                   names)
 
 
 def _checkpoint_name(spec: str | None) -> str | None:
@@ -272,10 +313,21 @@ def _checkpoint_name(spec: str | None) -> str | None:
     return os.path.abspath(path) if os.path.exists(path) else spec
 
 
-def _report(args, results, sample_folder, num_samples, ref, extractor) -> int:
+def _label(key: str, class_names: dict | None) -> str:
+    """How a result is called when printed ("FID class 3 (cat)" for fid_class_3)."""
+    if key == "fid_class_mean":
+        return "FID per class, mean"
+    if key.startswith("fid_class_"):
+        k = int(key.rsplit("_", 1)[1])
+        return f"FID class {k}" + (f" ({class_names[k]})" if class_names else "")
+    return LABELS.get(key, key)
+
+
+def _report(args, results, sample_folder, num_samples, ref, extractor,
+            class_names: dict | None = None) -> int:
     """Print the results and append them as one JSON line to the metrics file."""
     for key, value in results.items():
-        print(f"{LABELS.get(key, key)}: {value:.6g}")
+        print(f"{_label(key, class_names)}: {value:.6g}")
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "folder_name": os.path.basename(os.path.normpath(sample_folder)) if sample_folder

@@ -8,6 +8,11 @@ Output (the reference's layout, `python eval.py --folder-name <dataset><suffix>`
 Sample i is a pure function of (checkpoint, sampler settings, --seed, i): any batch size and
 any number of processes give the same images, and a rerun only makes the missing files.
 
+Class-conditional checkpoints: sample i asks for class `--class-label`'s entry i mod n (by
+default every class in turn), sampled with classifier-free guidance of scale
+`--guidance-scale`; `<dataset><suffix>/labels.csv` lists each file's label, and `--grid` puts
+one class per row.
+
 Processes: one; `torchrun --nproc_per_node N -m ddpmkit.cli generate ...` (rank r makes samples
 r, r + N, ...; gloo is used only for a final barrier); or the reference's `--num-gpus N`, which
 spawns N processes on cuda:0..N-1 (on a machine without CUDA, pass `--device cpu` to run N CPU
@@ -107,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "default) or t - T // S (stride, as diffusers' DDIMScheduler)")
     p.add_argument("--seed", type=int, default=0,
                    help="sample i's noise is a function of (seed, i)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="class-conditional models: classifier-free guidance scale w, "
+                        "eps = (1 + w) eps(x_t, y) - w eps(x_t, no class); 0 is the plain "
+                        "conditional model (default 1)")
+    p.add_argument("--class-label", default=None, metavar="N[,N...]",
+                   help="class-conditional models: the class to sample, or a comma list "
+                        "(sample i takes entry i mod n); numbers or class names (default: "
+                        "every class in turn)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="network precision (bf16: autocast, the sampler stays float32; auto: "
                         "bf16 on GPUs that support it and on CPUs with native bf16, else fp32)")
@@ -163,6 +176,11 @@ def check_args(args: argparse.Namespace, typed: set[str]) -> None:
     if (args.ddim_eps_from or args.ddim_step_to) and args.sampler != "ddim":
         raise UserError(f"--ddim-eps-from / --ddim-step-to apply to ddim only, not to "
                         f"{args.sampler}")
+    if args.guidance_scale is not None and not 0 <= args.guidance_scale < float("inf"):
+        raise UserError(f"--guidance-scale must be a finite number >= 0, got "
+                        f"{args.guidance_scale}")
+    if args.class_label is not None and not [v for v in args.class_label.split(",") if v.strip()]:
+        raise UserError("--class-label needs a class number or name, or a comma list of them")
 
 
 def checkpoint_path(args: argparse.Namespace) -> str:
@@ -210,6 +228,26 @@ def rank_device(spec: str, env) -> "torch.device":  # noqa: F821 (torch is impor
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return resolve_device(f"cuda:{env.local_rank}")
+
+
+def class_guidance(args: argparse.Namespace, model, config: dict[str, Any], net, diffusion):
+    """The `Guidance` of a class-conditional model (labels from --class-label, scale from
+    --guidance-scale), or None for an unconditional one, which refuses both flags."""
+    from ddpmkit.generation import DEFAULT_GUIDANCE_SCALE, Guidance, class_labels
+
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is None:
+        given = [f for f, v in (("--class-label", args.class_label),
+                                ("--guidance-scale", args.guidance_scale)) if v is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} need a class-conditional model, but this "
+                            "checkpoint is unconditional; drop them")
+        return None
+    names = (config.get("dataset") or {}).get("class_names")
+    requested = args.class_label.split(",") if args.class_label is not None else None
+    labels = class_labels(num_classes, requested, names)
+    scale = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+    return Guidance(net, labels, float(scale), diffusion.model_var_type == "learned")
 
 
 def output_paths(args: argparse.Namespace, dataset: str) -> dict[str, str]:
@@ -291,7 +329,13 @@ def run_process(args: argparse.Namespace, typed: set[str], env,
 
     from ddpmkit.build import build_diffusion
     from ddpmkit.devices import resolve_precision
-    from ddpmkit.generation import check_manifest, generate_to_folder, make_denoise_fn
+    from ddpmkit.generation import (
+        check_manifest,
+        existing_samples,
+        generate_to_folder,
+        make_denoise_fn,
+        write_labels_file,
+    )
     from ddpmkit.models.loading import image_shape
     from ddpmkit.utils.io import check_writable_folder
 
@@ -306,10 +350,20 @@ def run_process(args: argparse.Namespace, typed: set[str], env,
         log.info("precision %s (%s)", precision.name, precision.reason)
     denoise_fn = make_denoise_fn(model, precision.name, device, bool(args.channels_last),
                                  args.compile, cuda_graph=args.cuda_graph)
+    guidance = class_guidance(args, model, config, denoise_fn, diffusion)
+    if guidance is not None:
+        denoise_fn = guidance
     shape = image_shape(config)
     paths = output_paths(args, dataset)
-    check_manifest(paths["folder"], _settings(args, path, weights, sampler, precision.name,
-                                              shape), write=env.is_main)
+    settings = _settings(args, path, weights, sampler, precision.name, shape)
+    if guidance is not None:  # only then: unconditional folders keep their manifests
+        settings.update({"class_labels": list(guidance.labels.classes),
+                         "labels": guidance.labels.rule, "guidance_scale": guidance.scale})
+    check_manifest(paths["folder"], settings, write=env.is_main)
+    if guidance is not None and env.is_main:
+        count = max([args.total_size, *(i + 1 for i in existing_samples(paths["folder"]))])
+        write_labels_file(paths["folder"], guidance.labels, count,
+                          (config.get("dataset") or {}).get("class_names"))
     if env.is_main:
         log.info("%s sampler, %d steps, %d samples of %s -> %s (%d process(es), %s)",
                  args.sampler, len(sampler.timesteps), args.total_size, "x".join(map(str, shape)),
@@ -344,7 +398,13 @@ def finish(args: argparse.Namespace, dataset: str, written: int, seconds: float)
     """After every process is done: the grid and a one-line summary (main process only)."""
     import numpy as np
 
-    from ddpmkit.generation import count_samples, existing_samples, first_samples
+    from ddpmkit.generation import (
+        class_grid_indices,
+        count_samples,
+        existing_samples,
+        first_samples,
+        sample_path,
+    )
     from ddpmkit.utils.images import read_image_uint8, save_grid
 
     paths = output_paths(args, dataset)
@@ -354,8 +414,13 @@ def finish(args: argparse.Namespace, dataset: str, written: int, seconds: float)
         log.warning("%s also holds %d samples numbered >= --total-size (an earlier, larger run); "
                     "`eval` reads every image in the folder", paths["folder"], extra)
     if args.grid:
-        files = first_samples(paths["folder"], min(args.grid_size, args.total_size))
-        save_grid(paths["grid"], np.stack([read_image_uint8(f) for f in files]))
+        rows = _class_rows(paths["folder"])
+        if rows > 1:  # one class per row
+            indices, cols = class_grid_indices(rows, args.grid_size, args.total_size)
+            files = [sample_path(paths["folder"], i) for i in indices]
+        else:
+            files, cols = first_samples(paths["folder"], min(args.grid_size, args.total_size)), None
+        save_grid(paths["grid"], np.stack([read_image_uint8(f) for f in files]), nrow=cols)
         log.info("wrote %s", paths["grid"])
     rate = f" ({written / seconds:.2f} img/s)" if written and seconds > 0 else ""
     print(f"{present} of {args.total_size} samples in {paths['folder']}; "
@@ -363,6 +428,19 @@ def finish(args: argparse.Namespace, dataset: str, written: int, seconds: float)
     if present != args.total_size:
         raise UserError(f"only {present} of {args.total_size} samples exist in "
                         f"{paths['folder']}; run the same command again to finish")
+
+
+def _class_rows(folder: str) -> int:
+    """Entries of the class-labels plan recorded in the folder's manifest (0: unconditional)."""
+    import json
+
+    from ddpmkit.generation import MANIFEST_NAME
+
+    try:
+        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
+            return len(json.load(f).get("class_labels") or [])
+    except (OSError, ValueError):
+        return 0
 
 
 # ---- process layouts ---------------------------------------------------------------------

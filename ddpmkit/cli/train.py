@@ -80,6 +80,9 @@ FLAG_TO_CONFIG = {
     "precision": ("train", "precision"),
     "channels_last": ("train", "channels_last"),
     "compile": ("train", "compile"),
+    "class_cond": ("train", "class_cond"),
+    "class_dropout": ("train", "class_dropout"),
+    "guidance_scale": ("eval", "guidance_scale"),
     "eval": ("eval", "enabled"),
     "eval_intv": ("eval", "intv"),
     "eval_total_size": ("eval", "total_size"),
@@ -177,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=_d("train", "ema_decay"),
                    help="decay factor of ema")
     g.add_argument("--seed", type=int, default=_d("train", "seed"), help="random seed")
+    g.add_argument("--class-cond", action=argparse.BooleanOptionalAction,
+                   default=_d("train", "class_cond"),
+                   help="train a class-conditional model on the dataset's labels (mnist, "
+                        "cifar10; folder: one class per subfolder), for classifier-free "
+                        "guidance")
+    g.add_argument("--class-dropout", type=float, default=_d("train", "class_dropout"),
+                   help="with --class-cond: probability that a label is replaced by \"no "
+                        "class\"")
 
     g = p.add_argument_group("speed")
     g.add_argument("--precision", choices=PRECISIONS, default=_d("train", "precision"),
@@ -250,6 +261,9 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-ddim", action="store_true")
     g.add_argument("--skip-schedule", choices=SKIP_SCHEDULES, default=_d("eval", "skip_schedule"))
     g.add_argument("--subseq-size", type=int, default=_d("eval", "subseq_size"))
+    g.add_argument("--guidance-scale", type=float, default=_d("eval", "guidance_scale"),
+                   help="with --class-cond: guidance scale w of the sample grids and FID "
+                        "evaluations")
     g.add_argument("--inception-weights", default=None, help="path of the FID Inception weights")
     g.add_argument("--precomputed-dir", default="./precomputed")
 
@@ -364,6 +378,17 @@ def validate_config(config: Dict[str, Any]) -> None:
         raise UserError("--dataset folder needs --image-size N")
 
 
+def check_class_flags(config: Dict[str, Any], typed: Set[str]) -> None:
+    """The class-conditioning flags mean nothing without --class-cond: typed alone, they are
+    refused rather than ignored."""
+    if config["train"].get("class_cond"):
+        return
+    given = [f"--{d.replace('_', '-')}" for d in ("class_dropout", "guidance_scale") if d in typed]
+    if given:
+        raise UserError(f"{' and '.join(given)} apply to class-conditional runs: add "
+                        "--class-cond")
+
+
 def launch_options(args: argparse.Namespace) -> Dict[str, Any]:
     """What the launch needs besides the config, as plain values."""
     if args.chkpt_path and not args.resume:
@@ -389,6 +414,7 @@ def run(args: argparse.Namespace, typed: Set[str], parser: argparse.ArgumentPars
         raise UserError(f"--num-gpus must be at least 1, got {args.num_gpus}")
     config = resolve_config(args, typed, parser)
     validate_config(config)
+    check_class_flags(config, typed)
     from ddpmkit.training.images import launch
 
     return launch(config, options)

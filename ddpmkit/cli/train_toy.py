@@ -6,6 +6,9 @@ settings (typed flags still win). Every `--eval-intv` epochs and at the end, the
 points, prints the metrics (2-D histogram KL against the estimator's floor, and for the Gaussian
 mixtures modes covered and the share of points within 3 std of a mode) and saves a
 true-vs-generated scatter plot; at the end it also writes an animation of those plots.
+`--class-cond` makes the network conditional on the mixture's mode index (classifier-free
+guidance): the evaluations then ask for each mode in turn, sample with `--guidance-scale`, and
+also report the share of points within 3 std of the mode they asked for.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "fourier_scale": 2.0,
     },
 }
+
+# Guidance scale of a class-conditional run's evaluations when --guidance-scale is not given.
+DEFAULT_TOY_GUIDANCE_SCALE = 1.0
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = CLIParser(prog="ddpmkit train-toy",
@@ -104,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--animation-format", choices=("gif", "webp", "none"), default="gif",
                    help="format of the animation of the evaluation plots")
+    p.add_argument("--class-cond", action="store_true",
+                   help="class-conditional on the mixture's mode index (gaussian8, gaussian25), "
+                        "for classifier-free guidance; evaluations ask for the modes in turn")
+    p.add_argument("--class-dropout", type=float, default=0.1,
+                   help="with --class-cond: probability that a label is replaced by \"no "
+                        "class\" during training")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="with --class-cond: guidance scale w of the evaluation samples, "
+                        f"eps = (1 + w) eps(x_t, y) - w eps(x_t, no class) (default "
+                        f"{DEFAULT_TOY_GUIDANCE_SCALE:g})")
     p.add_argument("--log-every", type=int, default=100, help="steps between JSONL log records")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -148,9 +165,27 @@ def validate(c: dict[str, Any]) -> None:
             raise UserError(f"{_flag(name)} must be in [0, 1), got {c[name]}")
     if c["steps"] is not None and c["steps"] <= 0:
         raise UserError(f"--steps must be positive, got {c['steps']}")
+    _validate_classes(c)
     if c["chkpt_path"] and not c["resume"]:
         raise UserError("--chkpt-path names the checkpoint to resume from: add --resume, or "
                         "drop --chkpt-path to start a new run")
+
+
+def _validate_classes(c: dict[str, Any]) -> None:
+    """Class conditioning needs labels (the mixtures' modes); guidance needs conditioning."""
+    if not 0 <= c["class_dropout"] < 1:
+        raise UserError(f"--class-dropout must be in [0, 1), got {c['class_dropout']}")
+    if c["class_cond"] and c["dataset"] == "swissroll":
+        raise UserError("--class-cond needs labels, and swissroll has none: use gaussian8 or "
+                        "gaussian25 (labels are the mode index)")
+    if c["guidance_scale"] is not None:
+        if not c["class_cond"]:
+            raise UserError("--guidance-scale needs --class-cond (an unconditional model has "
+                            "nothing to guide)")
+        if c["guidance_scale"] < 0:
+            raise UserError(f"--guidance-scale must be >= 0, got {c['guidance_scale']}")
+    elif c["class_cond"]:
+        c["guidance_scale"] = DEFAULT_TOY_GUIDANCE_SCALE
 
 
 def run(argv: list[str] | None) -> int:

@@ -19,9 +19,11 @@ __all__ = [
 from ddpmkit.data.toy import (  # the 2-D toy datasets
     TOY_DATASETS,
     TensorBatches,
+    make_labeled_toy_data,
     make_toy_data,
     toy_generator,
     toy_mixture,
 )
 
-__all__ += ["TOY_DATASETS", "TensorBatches", "make_toy_data", "toy_generator", "toy_mixture"]
+__all__ += ["TOY_DATASETS", "TensorBatches", "make_labeled_toy_data", "make_toy_data",
+            "toy_generator", "toy_mixture"]

@@ -399,20 +399,32 @@ def _load_celebahq(req: _Request) -> Dataset | None:
     return None
 
 
+def folder_labels(files: Sequence[str]) -> tuple[list[int], list[str]]:
+    """(label per file, class names): one class per folder that holds images, named by its
+    path relative to the root ("." for the root itself), labels in sorted name order (like
+    torchvision's ImageFolder, at any depth)."""
+    parents = [os.path.dirname(f) or "." for f in files]
+    names = sorted(set(parents))
+    index = {name: i for i, name in enumerate(names)}
+    return [index[p] for p in parents], names
+
+
+def _folder_files(root: str) -> list[str]:
+    files = find_images(root)
+    if not files:
+        raise UserError(
+            f"no images found under {root} (searched recursively for "
+            f"{', '.join(IMAGE_EXTENSIONS)} files); point --root at a folder that holds images")
+    return files
+
+
 def _load_folder(req: _Request) -> Dataset | None:
     if not os.path.isdir(req.root):
         return None
-    files = find_images(req.root)
-    if not files:
-        raise UserError(
-            f"no images found under {req.root} (searched recursively for "
-            f"{', '.join(IMAGE_EXTENSIONS)} files); point --root at a folder that holds images")
-    # Label = index of the image's parent folder (like torchvision's ImageFolder, any depth).
-    parents = [os.path.dirname(f) for f in files]
-    classes = {p: i for i, p in enumerate(sorted(set(parents)))}
+    files = _folder_files(req.root)
+    labels, _ = folder_labels(files)
     transform = CenterCropResize(req.resolution, Image.BICUBIC)
-    return FileImageDataset(req.root, files, [classes[p] for p in parents], transform, 3,
-                            req.random_flip)
+    return FileImageDataset(req.root, files, labels, transform, 3, req.random_flip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,6 +504,35 @@ def get_spec(name: str) -> ImageDatasetSpec:
     except KeyError:
         raise UserError(f"unknown image dataset {name!r}; choose one of "
                         f"{', '.join(DATASET_NAMES)}") from None
+
+
+# Class names in label order of the datasets that have labels (a folder's come from its
+# subfolders). CIFAR-10's are those of its batches.meta.
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"),
+}
+
+
+def dataset_classes(name: str, root: str = DEFAULT_ROOT) -> list[str]:
+    """Class names in label order of a dataset with labels (UserError for one without):
+    mnist's digits, cifar10's classes, or a folder's subfolders (at least two)."""
+    get_spec(name)
+    if name in CLASS_NAMES:
+        return list(CLASS_NAMES[name])
+    if name != "folder":
+        raise UserError(f"dataset {name!r} has no class labels; class-conditional training "
+                        f"needs one of {', '.join(CLASS_NAMES)} or folder")
+    root = os.path.abspath(os.path.expanduser(str(root)))
+    if not os.path.isdir(root):
+        raise UserError(f"image folder {root} does not exist; pass --root pointing at a "
+                        "folder of images")
+    _, names = folder_labels(_folder_files(root))
+    if len(names) < 2:
+        raise UserError(f"class-conditional training on a folder needs one subfolder of images "
+                        f"per class, at least two; every image under {root} is in {names[0]!r}")
+    return names
 
 
 def dataset_info(name: str, image_size: int | None = None) -> tuple[int, int]:

@@ -103,6 +103,13 @@ def make_toy_data(name: str, n: int, generator: torch.Generator) -> torch.Tensor
 
     Mixture points pick their mode uniformly at random, then add isotropic Gaussian noise.
     """
+    return make_labeled_toy_data(name, n, generator)[0]
+
+
+def make_labeled_toy_data(name: str, n: int, generator: torch.Generator
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(points float32 (n, 2), labels int64 (n,) or None): the points of `make_toy_data` (the
+    same draws), with each mixture point's mode index as its label; swissroll has none."""
     check_toy_name(name)
     if n <= 0:
         raise ValueError(f"number of points must be positive, got {n}")
@@ -112,13 +119,13 @@ def make_toy_data(name: str, n: int, generator: torch.Generator) -> torch.Tensor
         idx = torch.randint(len(modes), (n,), generator=generator)
         noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
         x = (modes_t[idx] + std * noise) / scale
-    else:
-        a, b = SWISSROLL_T_RANGE
-        t = a + (b - a) * torch.rand(n, generator=generator, dtype=torch.float64)
-        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
-        x = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1) + SWISSROLL_NOISE * noise
-        x = x / torch.tensor(_swissroll_axis_std(), dtype=torch.float64)
-    return x.float()
+        return x.float(), idx
+    a, b = SWISSROLL_T_RANGE
+    t = a + (b - a) * torch.rand(n, generator=generator, dtype=torch.float64)
+    noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    x = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1) + SWISSROLL_NOISE * noise
+    x = x / torch.tensor(_swissroll_axis_std(), dtype=torch.float64)
+    return x.float(), None
 
 
 def toy_generator(seed: int) -> torch.Generator:
@@ -140,16 +147,20 @@ class TensorBatches:
         batch_size: points per batch.
         seed: base seed of the shuffle.
         shuffle: reshuffle every epoch (otherwise a fixed order).
+        labels: optional (N,) tensor; batches are then `(points, labels)` pairs.
     """
 
     def __init__(self, data: torch.Tensor, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True):
+                 drop_last: bool = True, labels: torch.Tensor | None = None):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if len(data) < batch_size and drop_last:
             raise ValueError(
                 f"batch_size {batch_size} is larger than the dataset ({len(data)} points)")
+        if labels is not None and labels.shape != (len(data),):
+            raise ValueError(f"labels must have shape ({len(data)},), got {tuple(labels.shape)}")
         self.data = data
+        self.labels = labels
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -171,11 +182,12 @@ class TensorBatches:
         g.manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
         return torch.randperm(len(self.data), generator=g)
 
-    def iter_from(self, start: int) -> Iterator[torch.Tensor]:
+    def iter_from(self, start: int) -> Iterator:
         """Batches of the current epoch, starting at batch index `start`."""
         order = self._order().to(self.data.device)
         for i in range(start, len(self)):
-            yield self.data[order[i * self.batch_size:(i + 1) * self.batch_size]]
+            rows = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.data[rows] if self.labels is None else (self.data[rows], self.labels[rows])
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator:
         return self.iter_from(0)

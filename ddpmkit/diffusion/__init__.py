@@ -9,6 +9,7 @@ from ddpmkit.diffusion.gaussian import (
     GaussianDiffusion,
     PMeanVar,
 )
+from ddpmkit.diffusion.guidance import classifier_free_guidance, guidance_combine
 from ddpmkit.diffusion.samplers import (
     DDIM_EPS_SOURCES,
     DDIM_STEP_TARGETS,
@@ -33,5 +34,6 @@ __all__ = [
     "MODEL_MEAN_TYPES", "MODEL_VAR_TYPES",
     "SAMPLERS", "SKIP_SCHEDULES", "BPDResult", "DDIMSampler", "DDPMSampler",
     "DPMSolverPPSampler", "GaussianDiffusion", "PMeanVar", "StepInfo", "ddim_timesteps",
-    "get_beta_schedule", "make_sampler", "sample", "solver_timesteps",
+    "classifier_free_guidance", "get_beta_schedule", "guidance_combine", "make_sampler",
+    "sample", "solver_timesteps",
 ]

@@ -165,6 +165,7 @@ def model_config_from_unet(config: Mapping[str, Any], source: str = "config.json
         "num_res_blocks": c["layers_per_block"], "apply_attn": apply_attn,
         "drop_rate": float(c["dropout"]), "group_norm_eps": float(c["norm_eps"]),
         "block_size": 1, "time_embedding_dim": c["time_embedding_dim"], "num_groups": groups,
+        "num_classes": None,  # class-conditioned UNet2DModels are refused above
     }
     return model, _resolution(c["sample_size"], source)
 
@@ -174,6 +175,9 @@ def unet_config_from_model(model_cfg: Mapping[str, Any], resolution: int) -> dic
     from ddpmkit.models.unet import MODEL_DEFAULTS
 
     m = {**MODEL_DEFAULTS, **model_cfg}
+    if m.get("num_classes"):
+        raise UserError("a class-conditional model has no DDPMPipeline equivalent; export it "
+                        "with --format safetensors")
     if m["block_size"] != 1:
         raise UserError(f"block_size {m['block_size']} (pixel shuffle) has no UNet2DModel "
                         "equivalent; only block_size 1 models export to diffusers")

@@ -4,7 +4,8 @@
     ref = load_or_compute_reference_stats(...)                      # real images, cached
     results = compute_metrics(features, ref, metrics=("fid", "pr"))
 
-Result keys: fid; precision, recall; kid_mean, kid_std; is_mean, is_std.
+Result keys: fid; precision, recall; kid_mean, kid_std; is_mean, is_std; and from
+`per_class_fid`: fid_class_<k> per class k, fid_class_mean.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ddpmkit.metrics.fid import feature_statistics, frechet_distance
@@ -32,7 +34,7 @@ from ddpmkit.metrics.precision_recall import (
     DEFAULT_ROW_BATCH_SIZE,
     precision_recall,
 )
-from ddpmkit.metrics.stats import ReferenceStats
+from ddpmkit.metrics.stats import ReferenceStats, class_stats
 
 logger = logging.getLogger(__name__)
 
@@ -103,3 +105,28 @@ def compute_metrics(
                                     seed=rng_seed)
             results["is_mean"], results["is_std"] = score.mean, score.std
     return {k: float(v) for k, v in results.items()}
+
+
+def per_class_fid(sample_pool: np.ndarray, sample_labels: Sequence[int],
+                  ref_stats: ReferenceStats) -> dict[str, float]:
+    """FID of each class's samples against the reference images of that class: keys
+    `fid_class_<k>` for every class k with at least two samples, and their mean
+    `fid_class_mean`. sample_pool: (N, D) pool features; sample_labels: (N,)."""
+    labels = np.asarray(sample_labels, np.int64)
+    if labels.shape != (len(sample_pool),):
+        raise ValueError(f"{len(sample_pool)} samples but labels of shape {labels.shape}")
+    results: dict[str, float] = {}
+    for k in np.unique(labels):
+        rows = sample_pool[labels == k]
+        if len(rows) < 2:
+            logger.warning("class %d has %d sample(s): no FID for it (needs two)", k, len(rows))
+            continue
+        mu_ref, sigma_ref, count = class_stats(ref_stats, int(k))
+        if count < 2:
+            raise ValueError(f"the reference {ref_stats.source} has {count} image(s) of class "
+                             f"{k}: no statistics for it")
+        mu, sigma = feature_statistics(rows)
+        results[f"fid_class_{int(k)}"] = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    if results:
+        results["fid_class_mean"] = float(np.mean(list(results.values())))
+    return results

@@ -93,13 +93,18 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def dataset_batches(dataset: Dataset, batch_size: int, num_workers: int = 0,
-                    max_images: int | None = None, seed: int = 0) -> Iterator[torch.Tensor]:
-    """uint8 batches of a dataset yielding images (or (image, label) pairs) in [-1, 1]."""
+                    max_images: int | None = None, seed: int = 0,
+                    with_labels: bool = False) -> Iterator:
+    """uint8 batches of a dataset yielding images (or (image, label) pairs) in [-1, 1];
+    `with_labels`: (images, labels) pairs for a dataset that has labels."""
     subset = choose_subset(len(dataset), max_images, seed)
     if subset is not None:
         dataset = Subset(dataset, subset.tolist())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=torch.cuda.is_available())
     for batch in loader:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        yield to_uint8(images)
+        if isinstance(batch, (list, tuple)):
+            images, labels = batch[0], batch[1]
+            yield (to_uint8(images), labels.numpy()) if with_labels else to_uint8(images)
+        else:
+            yield to_uint8(batch)

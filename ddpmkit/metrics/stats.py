@@ -4,7 +4,9 @@ A `ReferenceStats` holds the FID Gaussian (mu (D,), sigma (D, D), float64) and t
 (N, D) float32 that precision/recall and KID compare against, plus what makes a cache file
 trustworthy: the number of images, the extractor's identity (network + weights hash), the
 source (dataset/split or folder) and the images' size. `load_or_compute_reference_stats` uses
-a cached file only when all of these match, and rewrites it otherwise.
+a cached file only when all of these match, and rewrites it otherwise. A dataset with labels
+also stores each image's label (`labels`, (N,) int64), from which per-class statistics
+(`class_stats`) come; a file cached without them is recomputed when they are needed.
 """
 
 from __future__ import annotations
@@ -42,37 +44,62 @@ class ReferenceStats:
     extractor_id: str
     source: str
     image_size: tuple[int, int]  # (H, W) of the reference images before the resize to 299
+    labels: np.ndarray | None = None  # (N,) int64 class of each image, when the source has them
 
 
 def stats_from_features(features: np.ndarray, extractor_id: str, source: str,
-                        image_size: tuple[int, int]) -> ReferenceStats:
+                        image_size: tuple[int, int],
+                        labels: np.ndarray | None = None) -> ReferenceStats:
     mu, sigma = feature_statistics(features)
+    if labels is not None:
+        labels = np.asarray(labels, np.int64)
+        if labels.shape != (features.shape[0],):
+            raise ValueError(f"{features.shape[0]} feature rows but labels of shape "
+                             f"{labels.shape}")
     return ReferenceStats(mu=mu, sigma=sigma, features=np.asarray(features, np.float32),
                           num_images=int(features.shape[0]), extractor_id=extractor_id,
-                          source=source, image_size=tuple(int(s) for s in image_size))
+                          source=source, image_size=tuple(int(s) for s in image_size),
+                          labels=labels)
+
+
+def class_stats(stats: ReferenceStats, label: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, number of images) of the reference images of one class."""
+    if stats.labels is None:
+        raise ValueError(f"the reference statistics of {stats.source} hold no labels")
+    rows = stats.features[stats.labels == label]
+    mu, sigma = feature_statistics(rows)
+    return mu, sigma, len(rows)
 
 
 class _SizeRecorder:
-    """Passes batches through, remembering the (H, W) of the first one."""
+    """Passes image batches through, remembering the (H, W) of the first one; batches may be
+    (images, labels) pairs, whose labels are collected."""
 
-    def __init__(self, batches: Iterable[torch.Tensor]):
+    def __init__(self, batches: Iterable):
         self.batches = batches
         self.image_size: tuple[int, int] = (0, 0)
+        self.labels: list[np.ndarray] = []
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i, batch in enumerate(self.batches):
+            if isinstance(batch, (tuple, list)):
+                batch, labels = batch
+                self.labels.append(np.asarray(labels, np.int64))
             if i == 0:
                 self.image_size = tuple(int(s) for s in batch.shape[-2:])
             yield batch
 
 
-def compute_reference_stats(model: FIDInceptionV3, batches: Iterable[torch.Tensor], source: str,
+def compute_reference_stats(model: FIDInceptionV3, batches: Iterable, source: str,
                             progress: bool = False,
                             total: int | None = None) -> ReferenceStats:
-    """Statistics of uint8 image batches (B, 3, H, W) under `model`."""
+    """Statistics of uint8 image batches (B, 3, H, W) under `model`; with (images, labels)
+    batches the labels are kept too."""
     recorder = _SizeRecorder(batches)
     features = extract_features(model, recorder, progress=progress, total=total)
-    return stats_from_features(features.pool, model.identity, source, recorder.image_size)
+    labels = np.concatenate(recorder.labels) if recorder.labels else None
+    return stats_from_features(features.pool, model.identity, source, recorder.image_size,
+                               labels)
 
 
 def save_reference_stats(stats: ReferenceStats, path: str) -> None:
@@ -82,6 +109,8 @@ def save_reference_stats(stats: ReferenceStats, path: str) -> None:
         "features": stats.features, "num_images": np.int64(stats.num_images),
         "extractor_id": np.str_(stats.extractor_id), "source": np.str_(stats.source),
         "image_size": np.asarray(stats.image_size, np.int64)}
+    if stats.labels is not None:
+        arrays["labels"] = np.asarray(stats.labels, np.int64)
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -100,15 +129,19 @@ def load_reference_stats(path: str) -> ReferenceStats:
                 mu=data["mu"], sigma=data["sigma"], features=data["features"],
                 num_images=int(data["num_images"]), extractor_id=str(data["extractor_id"]),
                 source=str(data["source"]),
-                image_size=tuple(int(s) for s in data["image_size"]))
+                image_size=tuple(int(s) for s in data["image_size"]),
+                labels=data["labels"] if "labels" in data.files else None)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read reference statistics {path!r}: {exc}; delete it to "
                         "recompute") from exc
 
 
 def stale_reason(stats: ReferenceStats, extractor_id: str, source: str,
-                 num_images: int | None) -> str | None:
-    """Why cached `stats` do not fit the current extractor / source / image count, or None."""
+                 num_images: int | None, need_labels: bool = False) -> str | None:
+    """Why cached `stats` do not fit the current extractor / source / image count (or lack the
+    labels asked for), or None."""
+    if need_labels and stats.labels is None:
+        return "made without the images' labels, which per-class statistics need"
     if stats.extractor_id != extractor_id:
         return f"made by extractor {stats.extractor_id!r}, now {extractor_id!r}"
     if stats.source != source:
@@ -126,16 +159,18 @@ def load_or_compute_reference_stats(
     num_images: int | None,
     progress: bool = False,
     total_batches: int | None = None,
+    need_labels: bool = False,
 ) -> ReferenceStats:
     """The cached statistics at `path` if still valid, else computed from `make_batches()` and
-    saved there. `num_images` is the source's current image count (None: cannot be checked)."""
+    saved there. `num_images` is the source's current image count (None: cannot be checked);
+    `need_labels`: a cached file without labels is stale."""
     if os.path.isfile(path):
         try:
             cached = load_reference_stats(path)
         except UserError as exc:
             logger.warning("recomputing reference statistics: %s", exc)
         else:
-            reason = stale_reason(cached, model.identity, source, num_images)
+            reason = stale_reason(cached, model.identity, source, num_images, need_labels)
             if reason is None:
                 logger.info("using cached reference statistics %s (%d images)", path,
                             cached.num_images)
@@ -184,8 +219,10 @@ def dataset_reference_stats(
     num_workers: int = 0,
     progress: bool = False,
     download: bool = False,
+    need_labels: bool = False,
 ) -> ReferenceStats:
-    """Statistics of a dataset's split (its real images), cached in `precomputed_dir`.
+    """Statistics of a dataset's split (its real images) and their labels, cached in
+    `precomputed_dir`.
 
     The cache is checked against the extractor, the source and the split's current image count.
     When the dataset cannot be opened (e.g. not downloaded) a cache made by this extractor is
@@ -197,12 +234,12 @@ def dataset_reference_stats(
     if data is None:
         if os.path.isfile(path):
             cached = load_reference_stats(path)
-            if stale_reason(cached, model.identity, source, None) is None:
+            if stale_reason(cached, model.identity, source, None, need_labels) is None:
                 logger.warning("cannot open %s (%s); using cached statistics %s without "
                                "checking the image count", source, why_not, path)
                 return cached
         raise UserError(f"cannot compute reference statistics of {source}: {why_not}")
     return load_or_compute_reference_stats(
-        path, model, lambda: dataset_batches(data, batch_size, num_workers), source,
-        num_images=len(data), progress=progress,
-        total_batches=math.ceil(len(data) / batch_size))
+        path, model, lambda: dataset_batches(data, batch_size, num_workers, with_labels=True),
+        source, num_images=len(data), progress=progress,
+        total_batches=math.ceil(len(data) / batch_size), need_labels=need_labels)

@@ -10,6 +10,8 @@
   deviations (Euclidean distance < 3 std) of that mode; a mode is covered when it holds at
   least `COVER_FRACTION` of its fair share (N / K) of high-quality points.
   (A 2-D Gaussian puts 1 - exp(-4.5) = 98.9% of its mass within 3 std.)
+- Class-conditional samples: the share of points within 3 std of the mode they were asked for
+  (`requested_mode_stats`), overall and for the worst mode.
 
 Shapes: points (N, 2); modes (K, 2).
 """
@@ -108,6 +110,26 @@ def mode_stats(gen_points, modes, std: float, num_stds: float = NUM_STDS,
         "high_quality": good / max(n, 1),
         "mode_counts": counts.tolist(),
     }
+
+
+def requested_mode_stats(gen_points, labels, modes, std: float,
+                         num_stds: float = NUM_STDS) -> dict[str, float]:
+    """Points asked for mode labels[i] that lie within `num_stds` std of that mode.
+
+    Returns `on_requested_mode` (share of all points) and `worst_requested_mode` (the lowest
+    share among the modes that were asked for). labels: (N,) ints in [0, K).
+    """
+    x = torch.as_tensor(_as_numpy(gen_points))
+    m = torch.as_tensor(_as_numpy(modes))
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if y.shape != (len(x),):
+        raise ValueError(f"expected {len(x)} labels, got shape {tuple(y.shape)}")
+    ok = (x - m[y]).norm(dim=1) < num_stds * std  # non-finite points are never within
+    asked = torch.bincount(y, minlength=len(m)).double()
+    hits = torch.bincount(y[ok], minlength=len(m)).double()
+    shares = hits[asked > 0] / asked[asked > 0]
+    return {"on_requested_mode": float(ok.double().mean()),
+            "worst_requested_mode": float(shares.min())}
 
 
 class ToyEvaluator:

@@ -10,6 +10,9 @@ Frequency Functions in Low Dimensional Domains") give the MLP a way to draw the 
 between narrow mixture modes; they are off by default (reference behaviour).
 
 Shapes: x_t (B, D) with D = `in_features`, t int64 (B,), output (B, `out_features`).
+A class-conditional MLP (`num_classes` K) also takes labels y int64 (B,) in [0, K] (K: "no
+class"; None: K for all) whose learned embedding is added to the timestep embedding (see
+`ddpmkit.models.conditioning`); without classes it is exactly the unconditional network.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import math
 
 import torch
 from torch import nn
+
+from ddpmkit.models.conditioning import check_num_classes, class_embedding, class_ids
 
 # The reference's nonlinearity: LeakyReLU with a small negative slope.
 LEAKY_SLOPE = 0.02
@@ -68,11 +73,13 @@ class ToyMLP(nn.Module):
         fourier_features: number of random Fourier frequencies of the input (0: off).
         fourier_scale: std of those frequencies, in cycles per data unit.
         fourier_seed: seed of the fixed (non-trained) Fourier frequencies.
+        num_classes: K for a class-conditional network (None or 0: unconditional).
     """
 
     def __init__(self, in_features: int = 2, mid_features: int = 128,
                  num_temporal_layers: int = 3, out_features: int | None = None,
-                 fourier_features: int = 0, fourier_scale: float = 1.0, fourier_seed: int = 0):
+                 fourier_features: int = 0, fourier_scale: float = 1.0, fourier_seed: int = 0,
+                 num_classes: int | None = None):
         super().__init__()
         if in_features <= 0 or mid_features <= 0 or num_temporal_layers < 0:
             raise ValueError("in_features and mid_features must be positive and "
@@ -104,6 +111,10 @@ class ToyMLP(nn.Module):
         )
         self.out_norm = nn.LayerNorm(mid_features)
         self.out_fc = nn.Linear(mid_features, out_features)
+        # Created last, so an unconditional network draws its initial weights exactly as before.
+        self.num_classes = check_num_classes(num_classes)
+        if self.num_classes is not None:
+            self.class_embed = class_embedding(self.num_classes, mid_features)
 
     def embed_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.fourier_freqs is None:
@@ -111,14 +122,23 @@ class ToyMLP(nn.Module):
         proj = x @ self.fourier_freqs.to(x.dtype)  # (B, F)
         return torch.cat([x, torch.sin(proj), torch.cos(proj)], dim=1)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+                ) -> torch.Tensor:
         # The timestep path runs once per distinct t (at most T rows; one row while sampling)
         # and is gathered back to the batch: a third of each layer's cost otherwise.
         t_unique, inverse = torch.unique(t, return_inverse=True)
         temb = self.temb(timestep_embedding(t_unique, self.mid_features).to(x_t.dtype))  # (U, F)
+        ids = class_ids(y, x_t.shape[0], self.num_classes, x_t.device)
+        cemb = None if ids is None else self.class_embed.weight.to(x_t.dtype)  # (K + 1, F)
         h = self.in_fc(self.embed_input(x_t))
         for layer in self.layers:
             # index_select, not `[inverse]`: on CPUs the backward of advanced indexing (a
             # sorting index_put) took 0.4 ms per layer at batch 1000, index_select's 0.04 ms.
-            h = layer(h, torch.index_select(layer.temb_proj(temb), 0, inverse))
+            proj = torch.index_select(layer.temb_proj(temb), 0, inverse)  # (B, F)
+            if cemb is not None:
+                # temb_proj(temb + c_y) = temb_proj(temb) + W c_y: the class part, too, is
+                # projected once per class (K + 1 rows) and gathered.
+                class_proj = cemb @ layer.temb_proj.weight.T  # (K + 1, F)
+                proj = proj + torch.index_select(class_proj, 0, ids)
+            h = layer(h, proj)
         return self.out_fc(self.out_norm(h))

@@ -10,6 +10,10 @@ References:
 Symbols and shapes: `B` batch, `C` image channels, `H, W` image size, `L` levels
 (len(ch_multipliers)), `ch` base channels (`hid_channels`), `b` pixel-shuffle block size.
 `model(x, t)`: x (B, C, H, W), t (B,) int64 in [0, T) (float accepted) -> (B, out_channels, H, W).
+A class-conditional UNet (`num_classes` K) also takes `model(x, t, y)`, y (B,) int64 in [0, K]
+(K: "no class"; y None means K for every sample): a learned class embedding is added to the
+time embedding (see `ddpmkit.models.conditioning`). Without classes the network has no extra
+weights: the same keys and outputs as before conditioning existed.
 
 Layout (level i has ch * ch_multipliers[i] channels; attention after each residual block of the
 levels with apply_attn[i]):
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpmkit.errors import UserError
+from ddpmkit.models.conditioning import check_num_classes, class_embedding, class_ids
 from ddpmkit.models.layers import (
     DEFAULT_NUM_GROUPS,
     ZERO_INIT_SCALE,
@@ -68,6 +73,7 @@ class UNet(nn.Module):
         block_size: pixel-shuffle factor b (1 = off).
         time_embedding_dim: width of the time embedding (default 4 * ch).
         num_groups: GroupNorm groups (32 in DDPM; smaller values allow tiny test models).
+        num_classes: K for a class-conditional network (None or 0: unconditional).
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class UNet(nn.Module):
         block_size: int = 1,
         time_embedding_dim: int | None = None,
         num_groups: int = DEFAULT_NUM_GROUPS,
+        num_classes: int | None = None,
     ):
         super().__init__()
         levels = len(ch_multipliers)
@@ -149,9 +156,15 @@ class UNet(nn.Module):
             nn.SiLU(),
             conv2d(ch, out_channels * block_size ** 2, 3, padding=1, init_scale=ZERO_INIT_SCALE),
         )
+        # Created last, so an unconditional network draws its initial weights exactly as before.
+        self.num_classes = check_num_classes(num_classes)
+        if self.num_classes is not None:
+            self.class_embed = class_embedding(self.num_classes, temb_dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W), t: (B,) or scalar -> (B, out_channels, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x: (B, C, H, W), t: (B,) or scalar, y: (B,) class labels or None -> (B, out_channels,
+        H, W)."""
         B, _, H, W = x.shape
         if H % self.size_divisor or W % self.size_divisor:
             raise ValueError(
@@ -164,6 +177,9 @@ class UNet(nn.Module):
             x = F.pixel_unshuffle(x, self.block_size)  # (B, C b^2, H/b, W/b)
         emb = timestep_embedding(t, self.hid_channels).to(self.in_conv.weight.dtype)
         temb = self.embed(emb)  # (B, E)
+        ids = class_ids(y, B, self.num_classes, x.device)
+        if ids is not None:
+            temb = temb + self.class_embed(ids)  # (B, E)
 
         h = self.in_conv(x)
         hs = [h]
@@ -214,6 +230,7 @@ MODEL_DEFAULTS: Mapping[str, Any] = {
     "block_size": 1,
     "time_embedding_dim": None,
     "num_groups": DEFAULT_NUM_GROUPS,
+    "num_classes": None,
 }
 
 

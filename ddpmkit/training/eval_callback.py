@@ -1,7 +1,8 @@
 """FID (and precision/recall) during training (`--eval`), with the same code as `ddpmkit eval`.
 
 Every `eval.intv` epochs each process samples its share of `eval.total_size` images with the
-EMA weights (seeded by sample index, as `ddpmkit generate` does), extracts Inception features,
+EMA weights (seeded by sample index, as `ddpmkit generate` does; a class-conditional model
+with every class in turn and guidance scale `eval.guidance_scale`), extracts Inception features,
 and the main process gathers them and scores them against the cached reference statistics of
 the training set. Missing Inception weights or reference data are reported before training
 starts, not after the first epochs.
@@ -32,6 +33,7 @@ class FIDCallback(Callback):
         self.sampler_name = "ddim" if ev.get("use_ddim") else "ddpm"
         self.steps = int(ev.get("subseq_size") or 0) or None
         self.skip_schedule = ev.get("skip_schedule", "linear")
+        self.guidance_scale = float(ev.get("guidance_scale", 1.0))
         self.metrics = ("fid", "pr")
         self.diffusion, self.shape = diffusion, tuple(shape)
         self.dataset = config["dataset"]
@@ -53,7 +55,7 @@ class FIDCallback(Callback):
 
     def evaluate(self, trainer: Trainer) -> Optional[Dict[str, float]]:
         from ddpmkit.diffusion import make_sampler
-        from ddpmkit.generation import DistEnv, sample_indexed, shard
+        from ddpmkit.generation import DistEnv, Guidance, class_labels, sample_indexed, shard
         from ddpmkit.metrics import compute_metrics, extract_features
         from ddpmkit.metrics.inception import InceptionFeatures
         from ddpmkit.utils.images import quantize
@@ -65,12 +67,16 @@ class FIDCallback(Callback):
         sampler = make_sampler(self.diffusion, self.sampler_name, steps=self.steps,
                                skip_schedule=self.skip_schedule)
         mine = list(shard(self.total, env))
+        net = model
+        if trainer.num_classes is not None:
+            net = Guidance(model, class_labels(trainer.num_classes), self.guidance_scale,
+                           self.diffusion.model_var_type == "learned")
 
         def batches():
             for first in range(0, len(mine), self.batch):
                 idx = mine[first:first + self.batch]
                 with trainer._autocast():
-                    x = sample_indexed(self.diffusion, model, sampler, idx, self.shape,
+                    x = sample_indexed(self.diffusion, net, sampler, idx, self.shape,
                                        EVAL_SEED, trainer.device)
                 yield quantize(x)
 

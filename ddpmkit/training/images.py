@@ -7,10 +7,11 @@ up (also after an elastic restart, which resumes from the newest checkpoint).
 
 Batches are split the same way whatever the number of processes: the global batch of an update
 is a contiguous slice of the epoch's permutation (DistributedSampler with one replica per
-process), and its timesteps, noise and flips are drawn for the whole global batch from one
-generator seeded identically on every process, each process taking the slots of its own
-examples. So N processes with global batch B compute the same update as one process with B
-(up to float summation order and dropout, whose RNG is per process).
+process), and its timesteps, noise, flips (and, for a class-conditional model, the
+label-dropout draws) are drawn for the whole global batch from one generator seeded
+identically on every process, each process taking the slots of its own examples. So N
+processes with global batch B compute the same update as one process with B (up to float
+summation order and dropout, whose RNG is per process).
 """
 
 import json
@@ -57,11 +58,14 @@ class ImageTrainer(Trainer):
     def _draw(self, shape: torch.Size) -> Dict[str, torch.Tensor]:
         B = self.global_batch
         g = self.generator
-        return {
+        draws = {
             "t": torch.randint(self.diffusion.T, (B,), device=self.device, generator=g),
             "noise": torch.randn((B, *shape[1:]), device=self.device, generator=g),
             "flip": torch.rand(B, device=self.device, generator=g) < 0.5,
         }
+        if self.num_classes is not None:  # drawn last: unconditional runs keep their stream
+            draws["drop"] = torch.rand(B, device=self.device, generator=g)
+        return draws
 
     def compute_loss(self, x_0: torch.Tensor) -> torch.Tensor:
         if self.micro_index == 0 or self._draws is None:
@@ -74,8 +78,11 @@ class ImageTrainer(Trainer):
         if self.channels_last:
             x_0 = x_0.contiguous(memory_format=torch.channels_last)
             noise = noise.contiguous(memory_format=torch.channels_last)
+        y = None
+        if self.labels is not None:
+            y = self.drop_labels(self.labels, self._draws["drop"][s])
         with self._autocast():
-            losses = self.diffusion.training_losses(self.model, x_0, t, noise)
+            losses = self.diffusion.training_losses(self.denoiser(y), x_0, t, noise)
         return losses.float().mean()
 
 
@@ -85,10 +92,28 @@ class SampleGrid(Callback):
 
     def __init__(self, diffusion, shape, folder: str, every: int, num: int, seed: int,
                  sampler_name: str = "ddpm", steps: Optional[int] = None,
-                 skip_schedule: str = "linear"):
+                 skip_schedule: str = "linear", guidance_scale: float = 1.0):
         self.diffusion, self.shape, self.folder = diffusion, tuple(shape), folder
         self.every, self.num, self.seed = every, num, seed
         self.sampler_name, self.steps, self.skip_schedule = sampler_name, steps, skip_schedule
+        self.guidance_scale = guidance_scale
+
+    def _layout(self, num_classes: Optional[int]):
+        """(images, images per row, denoise_fn maker): a class-conditional model gets one class
+        per row (K rows of num // K, guided); an unconditional one, or a grid of fewer images
+        than classes, the plain grid (a conditional network then predicts for "no class")."""
+        from ddpmkit.diffusion import classifier_free_guidance
+
+        if num_classes is None or self.num < num_classes:
+            return self.num, None, lambda model, device: model
+        cols = self.num // num_classes
+        learned = self.diffusion.model_var_type == "learned"
+
+        def denoiser(model, device):
+            y = torch.arange(num_classes, device=device).repeat_interleave(cols)  # (K cols,)
+            return classifier_free_guidance(model, y, num_classes, self.guidance_scale, learned)
+
+        return num_classes * cols, cols, denoiser
 
     def save(self, trainer: Trainer, name: str) -> Optional[str]:
         if not trainer.is_main or self.num <= 0:
@@ -96,23 +121,24 @@ class SampleGrid(Callback):
         from ddpmkit.diffusion import make_sampler, sample
         from ddpmkit.utils.images import save_grid, to_uint8
 
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
-        x_T = torch.randn((self.num, *self.shape), generator=g).to(trainer.device)
         model = trainer.sampling_model
+        num, cols, denoiser = self._layout(trainer.num_classes)
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        x_T = torch.randn((num, *self.shape), generator=g).to(trainer.device)
         was_training = model.training
         model.eval()
         sampler = make_sampler(self.diffusion, self.sampler_name, steps=self.steps,
                                skip_schedule=self.skip_schedule)
         try:
             with trainer._autocast():
-                x_0 = sample(self.diffusion, model, sampler, x_T,
+                x_0 = sample(self.diffusion, denoiser(model, trainer.device), sampler, x_T,
                              generator=torch.Generator(device=trainer.device).manual_seed(
                                  self.seed))
         finally:
             model.train(was_training)
         path = os.path.join(self.folder, f"{name}.png")
         os.makedirs(self.folder, exist_ok=True)
-        save_grid(path, to_uint8(x_0.float()))
+        save_grid(path, to_uint8(x_0.float()), nrow=cols)
         logger.info("saved sample grid %s", path)
         return path
 
@@ -164,7 +190,31 @@ def complete_dataset_facts(config: Dict[str, Any]) -> Dict[str, Any]:
     if model["in_channels"] != ds["channels"]:
         raise UserError(f"the config's model.in_channels ({model['in_channels']}) does not match "
                         f"the {ds['name']} images' {ds['channels']} channel(s)")
+    _complete_classes(config)
     return config
+
+
+def _complete_classes(config: Dict[str, Any]) -> None:
+    """A class-conditional run (train.class_cond) takes its classes from the dataset:
+    model.num_classes and dataset.class_names are filled in (and must agree if given)."""
+    from ddpmkit.data.images import dataset_classes
+
+    ds, model = config["dataset"], config["model"]
+    if not config["train"].get("class_cond"):
+        if model.get("num_classes"):
+            raise UserError(f"the config's model.num_classes ({model['num_classes']}) makes a "
+                            "class-conditional network: add --class-cond (train.class_cond), "
+                            "or remove the key")
+        model.pop("num_classes", None)
+        return
+    names = dataset_classes(ds["name"], ds["root"])
+    if model.get("num_classes") not in (None, len(names)):
+        raise UserError(f"the config's model.num_classes ({model['num_classes']}) does not match "
+                        f"the {len(names)} classes of {ds['name']}")
+    if ds.get("class_names") not in (None, names):
+        raise UserError(f"the config's dataset.class_names do not match the classes of "
+                        f"{ds['name']} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+    model["num_classes"], ds["class_names"] = len(names), names
 
 
 def _elastic_restart() -> bool:
@@ -253,7 +303,8 @@ def _callbacks(config, options, diffusion, device, folder: RunFolder) -> List[Ca
                       num=int(tr["num_samples"]), seed=int(tr["seed"]) + GRID_SEED_OFFSET,
                       sampler_name="ddim" if ev.get("use_ddim") else "ddpm",
                       steps=int(ev.get("subseq_size") or 0) or None,
-                      skip_schedule=ev.get("skip_schedule", "linear"))
+                      skip_schedule=ev.get("skip_schedule", "linear"),
+                      guidance_scale=float(ev.get("guidance_scale", 1.0)))
     callbacks: List[Callback] = [folder, grid]
     if ev.get("enabled"):
         from ddpmkit.training.eval_callback import FIDCallback
@@ -291,7 +342,8 @@ def _build_trainer(config, options, info, device, loader, micro, diffusion, mode
         amp_dtype=torch.bfloat16 if tr.get("precision") == "bf16" else None,
         throughput_key="img_per_s", random_flip=bool(config["dataset"]["random_flip"]),
         global_batch=int(tr["batch_size"]), micro_batch=micro,
-        channels_last=bool(tr.get("channels_last")))
+        channels_last=bool(tr.get("channels_last")),
+        class_dropout=float(tr.get("class_dropout", 0.0)) if tr.get("class_cond") else 0.0)
 
 
 def train_worker(config: Dict[str, Any], options: Dict[str, Any]) -> int:

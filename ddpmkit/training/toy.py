@@ -2,6 +2,11 @@
 evaluation that samples, scores (2-D histogram KL against the estimator's floor; for the
 Gaussian mixtures, modes covered and the share of points within 3 std of a mode) and plots it.
 
+With `class_cond` the network is class-conditional on the mixture's mode index (gaussian8,
+gaussian25), trained with label dropout `class_dropout`, and every evaluation asks for the
+modes in turn (point i: mode i mod K) with guidance scale `guidance_scale`, reporting also the
+share of points within 3 std of the mode asked for.
+
 `ddpmkit train-toy` parses flags into a plain config dict `c` (flag names as keys) and calls
 `train_toy(c)`. Files (in `c["chkpt_dir"]` and `<image_dir>/<dataset>`) are written only once
 the first update succeeded, as for image training (`RunFolder`).
@@ -19,7 +24,13 @@ from typing import Any, Callable
 
 import torch
 
-from ddpmkit.data.toy import TensorBatches, make_toy_data, toy_generator, toy_mixture
+from ddpmkit.data.toy import (
+    TensorBatches,
+    make_labeled_toy_data,
+    make_toy_data,
+    toy_generator,
+    toy_mixture,
+)
 from ddpmkit.errors import UserError, signal_name
 from ddpmkit.training.checkpoint import load_checkpoint
 from ddpmkit.training.preemption import StopFlag, exit_code
@@ -41,11 +52,14 @@ SEED_EVAL_TRUE, SEED_EVAL_REF, SEED_SAMPLING = 1, 2, 3
 # Settings a checkpoint must share with the command resuming from it.
 MUST_MATCH_ON_RESUME = ("dataset", "timesteps", "beta_schedule", "beta_start", "beta_end",
                         "model_mean_type", "model_var_type", "loss_type", "mid_features",
-                        "num_temporal_layers", "fourier_features", "fourier_scale")
+                        "num_temporal_layers", "fourier_features", "fourier_scale",
+                        "class_cond")
 # Settings that do not change what a run computes (so two runs differing only in them are the
 # same run).
 RUNTIME_ONLY = ("resume", "chkpt_path", "overwrite", "no_progress", "device",
                 "device_resolved", "image_dir", "chkpt_dir", "root")
+# Settings newer than some checkpoints, with the value that reproduces what those computed.
+ADDED_LATER = {"class_cond": False, "class_dropout": 0.1, "guidance_scale": None}
 # The evaluation plots `epoch_NNNN.png` and animation `train.<fmt>` in the image folder.
 _TOY_IMAGE_RE = re.compile(r"^(epoch_\d+\.png|train\.(gif|webp))$")
 
@@ -63,6 +77,17 @@ def build_diffusion(c: dict[str, Any]):
         raise UserError(str(exc)) from exc
 
 
+def num_classes(c: dict[str, Any]) -> int | None:
+    """K (the mixture's modes) for a class-conditional run, else None."""
+    if not c.get("class_cond"):
+        return None
+    mixture = toy_mixture(c["dataset"])
+    if mixture is None:
+        raise UserError(f"--class-cond needs labels, and {c['dataset']} has none (labels are "
+                        "the mode index of gaussian8 / gaussian25)")
+    return len(mixture.modes)
+
+
 def build_model(c: dict[str, Any], diffusion):
     from ddpmkit.models.toy import ToyMLP
 
@@ -70,7 +95,7 @@ def build_model(c: dict[str, Any], diffusion):
                   num_temporal_layers=c["num_temporal_layers"],
                   out_features=diffusion.model_out_channels(2),
                   fourier_features=c["fourier_features"], fourier_scale=c["fourier_scale"],
-                  fourier_seed=c["seed"])
+                  fourier_seed=c["seed"], num_classes=num_classes(c))
 
 
 def build_sampler(c: dict[str, Any], diffusion):
@@ -101,6 +126,9 @@ class ToyEvaluation:
         self.evaluator = ToyEvaluator(
             self.true, modes=None if mixture is None else mixture.modes,
             std=None if mixture is None else mixture.std)
+        self.mixture = mixture
+        self.num_classes = num_classes(c)
+        self.guidance_scale = c.get("guidance_scale") or 0.0
         self._floors: dict[int, float] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -112,21 +140,48 @@ class ToyEvaluation:
             self._floors[n] = self.evaluator.kl(ref)
         return self._floors[n]
 
-    @torch.no_grad()
-    def generate(self, model: torch.nn.Module, n: int, epoch: int) -> torch.Tensor:
-        from ddpmkit.diffusion import sample
+    def labels(self, n: int) -> torch.Tensor | None:
+        """The modes the n evaluation points ask for: point i mode i mod K (None: unlabeled)."""
+        return None if self.num_classes is None else torch.arange(n) % self.num_classes
 
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, n: int, epoch: int,
+                 guidance_scale: float | None = None) -> torch.Tensor:
+        """n points; a class-conditional model's point i asks for mode i mod K, guided with
+        `guidance_scale` (default: the run's)."""
+        from ddpmkit.diffusion import classifier_free_guidance, sample
+
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        labels = self.labels(n)
+        learned = self.diffusion.model_var_type == "learned"
         was_training = model.training
         model.eval()
         g = torch.Generator(device=self.device)
         g.manual_seed(self.c["seed"] * 100_003 + SEED_SAMPLING * 1_009 + epoch)
         out = []
         for start in range(0, n, SAMPLE_CHUNK):
-            x_T = torch.randn(min(SAMPLE_CHUNK, n - start), 2, generator=g, device=self.device)
-            out.append(sample(self.diffusion, model, self.sampler, x_T, clip_denoised=False,
+            size = min(SAMPLE_CHUNK, n - start)
+            x_T = torch.randn(size, 2, generator=g, device=self.device)
+            fn = model if labels is None else classifier_free_guidance(
+                model, labels[start:start + size].to(self.device), self.num_classes, scale,
+                learned)
+            out.append(sample(self.diffusion, fn, self.sampler, x_T, clip_denoised=False,
                               generator=g).float().cpu())
         model.train(was_training)
         return torch.cat(out)
+
+    def score(self, gen: torch.Tensor, guidance_scale: float | None = None) -> dict[str, Any]:
+        """Today's metrics, plus for a class-conditional run the share of points on the
+        requested mode (and the guidance scale they were made with: default the run's)."""
+        from ddpmkit.metrics.toy import requested_mode_stats
+
+        metrics = self.evaluator.evaluate(gen)
+        if self.num_classes is not None:
+            metrics.update(requested_mode_stats(gen, self.labels(len(gen)), self.mixture.modes,
+                                                self.mixture.std))
+            metrics["guidance_scale"] = (self.guidance_scale if guidance_scale is None
+                                         else guidance_scale)
+        return metrics
 
     def run(self, model: torch.nn.Module, epoch: int, n: int) -> dict[str, Any]:
         from ddpmkit.utils.plots import save_scatter
@@ -134,7 +189,7 @@ class ToyEvaluation:
         t0 = time.perf_counter()
         gen = self.generate(model, n, epoch)
         sample_s = time.perf_counter() - t0
-        metrics = self.evaluator.evaluate(gen)
+        metrics = self.score(gen)
         metrics["kl_floor"] = self.floor(n)
         metrics["num_samples"] = n
         metrics["sample_s"] = round(sample_s, 2)
@@ -153,6 +208,9 @@ def format_metrics(m: dict[str, Any], short: bool = False) -> str:
     if "modes_covered" in m:
         parts.append(f"modes {m['modes_covered']}/{m['num_modes']}")
         parts.append(f"within 3 std {100 * m['high_quality']:.1f}%")
+    if "on_requested_mode" in m:
+        parts.append(f"on the requested mode {100 * m['on_requested_mode']:.1f}% (worst mode "
+                     f"{100 * m['worst_requested_mode']:.1f}%, w {m['guidance_scale']:g})")
     if m.get("non_finite"):
         parts.append(f"{m['non_finite']} non-finite")
     if not short:
@@ -180,6 +238,31 @@ class ToyEvalCallback(Callback):
             self.final = metrics
 
 
+def load_toy_model(path: str, device: Any = "cpu", use_ema: bool = True):
+    """(network in eval mode, its run config `c`) from a `train-toy` checkpoint: the EMA
+    weights when the run kept them and `use_ema`, else the trained ones."""
+    state = load_checkpoint(path)
+    c = state.get("config")
+    if not isinstance(c, dict) or "mid_features" not in c:
+        raise UserError(f"{path} is not a train-toy checkpoint (its config has no toy network)")
+    model = build_model(c, build_diffusion(c))
+    ema = state.get("ema")
+    model.load_state_dict(ema["shadow"] if use_ema and ema else state["model"])
+    return model.to(device).eval(), c
+
+
+def guidance_curve(evaluation: ToyEvaluation, model: torch.nn.Module, scales, n: int,
+                   seed_offset: int = 0) -> list[dict[str, Any]]:
+    """Score n samples of a class-conditional toy model at each guidance scale in `scales`
+    (the same x_T for all): one metrics dict per scale, as the evaluations report them."""
+    rows = []
+    for scale in scales:
+        gen = evaluation.generate(model, n, seed_offset, guidance_scale=float(scale))
+        metrics = evaluation.score(gen, guidance_scale=float(scale))
+        rows.append({k: v for k, v in metrics.items() if k != "mode_counts"})
+    return rows
+
+
 def check_resume_config(saved: dict[str, Any], c: dict[str, Any], path: str) -> None:
     diffs = [f"--{k.replace('_', '-')} {saved[k]} (now {c[k]})" for k in MUST_MATCH_ON_RESUME
              if k in saved and saved[k] != c[k]]
@@ -204,6 +287,7 @@ def write_animation(image_dir: str, fmt: str) -> str | None:
 
 def _same_run(saved: dict[str, Any], c: dict[str, Any]) -> bool:
     """Whether a checkpoint's config describes the same computation as `c`."""
+    saved = {**ADDED_LATER, **saved}
     keys = (set(saved) | set(c)) - set(RUNTIME_ONLY)
     return all(saved.get(k) == c.get(k) for k in keys)
 
@@ -237,9 +321,12 @@ def _build_trainer(c: dict[str, Any], device, folder: RunFolder, callback: ToyEv
                    stop: StopFlag) -> Trainer:
     # Only the CLI seeds the global RNG (model initialization); everything else is explicit.
     torch.manual_seed(c["seed"])
-    data = make_toy_data(c["dataset"], c["size"], toy_generator(c["seed"]))
+    data, labels = make_labeled_toy_data(c["dataset"], c["size"], toy_generator(c["seed"]))
+    if num_classes(c) is None:
+        labels = None
     # On the device once: batches are then gathered there, with no host-to-device copies.
-    batches = TensorBatches(data.to(device), c["batch_size"], seed=c["seed"])
+    batches = TensorBatches(data.to(device), c["batch_size"], seed=c["seed"],
+                            labels=None if labels is None else labels.to(device))
     diffusion = callback.evaluation.diffusion
     model = build_model(c, diffusion).to(device)
     return Trainer(
@@ -250,7 +337,8 @@ def _build_trainer(c: dict[str, Any], device, folder: RunFolder, callback: ToyEv
         chkpt_prefix=folder.files.prefix, chkpt_intv=c["chkpt_intv"],
         chkpt_every_minutes=c["chkpt_every_minutes"], save_final=True,
         log_path=folder.log_path, log_every=c["log_every"], progress=not c["no_progress"],
-        callbacks=[folder, callback], config=c, stop=stop)
+        callbacks=[folder, callback], config=c, stop=stop,
+        class_dropout=c.get("class_dropout", 0.0) if c.get("class_cond") else 0.0)
 
 
 def train_toy(c: dict[str, Any], report: Callable[[str], None] = logger.info) -> int:

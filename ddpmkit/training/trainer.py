@@ -1,7 +1,11 @@
 """A single-process diffusion training loop, generic over the data (toy points or images).
 
 One optimizer update ("step") uses `num_accum` micro-batches. Per micro-batch: t ~ U{0..T-1}
-and eps ~ N(0, I) from the trainer's own generator, the diffusion loss, backward. Per update:
+and eps ~ N(0, I) from the trainer's own generator, the diffusion loss, backward. A
+class-conditional model (one with `num_classes`) trains on `(x_0, labels)` batches, each label
+replaced by "no class" with probability `class_dropout` (a uniform draw from the same
+generator, after the noise), so one network learns p(x | y) and p(x) for classifier-free
+guidance. Per update:
 optional gradient clipping by global norm, the optimizer and LR scheduler steps, the EMA update.
 The loss is summed on the device and read back only at log intervals, epoch ends and saves,
 so the hot path has no host synchronisation.
@@ -193,6 +197,8 @@ class Trainer:
         stop: a `StopFlag` (installed by the command): a signal ends `fit` after the current
             update, with the state saved.
         amp_dtype: autocast dtype for the forward pass (e.g. torch.bfloat16), or None.
+        class_dropout: for a class-conditional model, the probability that a label is
+            replaced by "no class" (classifier-free guidance training).
         throughput_key: the log field for items per second ("samples_per_s", "img_per_s").
     """
 
@@ -212,7 +218,7 @@ class Trainer:
                  is_main: bool = True, rank: int = 0, world_size: int = 1,
                  control_group: Any = None, stop: StopFlag | None = None,
                  amp_dtype: torch.dtype | None = None,
-                 throughput_key: str = "samples_per_s"):
+                 throughput_key: str = "samples_per_s", class_dropout: float = 0.0):
         batches_per_epoch = _check_arguments(data, epochs, num_accum, lr, lr_decay, optimizer)
         self.model = model
         self.diffusion = diffusion
@@ -242,6 +248,11 @@ class Trainer:
         self.stop = stop
         self.amp_dtype = amp_dtype
         self.throughput_key = throughput_key
+        if not 0.0 <= class_dropout < 1.0:
+            raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
+        self.class_dropout = float(class_dropout)
+        # K of a class-conditional model (its "no class" label), None for an unconditional one.
+        self.num_classes: int | None = getattr(unwrap(model), "num_classes", None)
 
         self.params = [p for p in unwrap(model).parameters() if p.requires_grad]
         self._build_optimizer(optimizer, lr, betas, weight_decay, fused, warmup_steps,
@@ -257,6 +268,8 @@ class Trainer:
         # 0-based index of the current micro-batch within its update (< num_accum; an epoch's
         # last group may be shorter, so count with this rather than modulo num_accum).
         self.micro_index = 0
+        # Class labels (B,) of the current micro-batch, for compute_loss (None: unconditional).
+        self.labels: torch.Tensor | None = None
         self.last_loss: float | None = None
         self.last_checkpoint: str | None = None
         self.last_saved_step: int | None = None  # the step the newest checkpoint holds
@@ -291,15 +304,38 @@ class Trainer:
             batch = batch[0]
         return batch.to(self.device, non_blocking=True)
 
+    def prepare_labels(self, batch: Any) -> torch.Tensor | None:
+        """Class labels y (B,) int64 on the device for a class-conditional model, else None."""
+        if self.num_classes is None:
+            return None
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise UserError("a class-conditional model trains on (inputs, labels) batches, but "
+                            "the data gives no labels")
+        return torch.as_tensor(batch[1]).to(self.device, torch.long, non_blocking=True)
+
     def compute_loss(self, x_0: torch.Tensor) -> torch.Tensor:
         """Mean diffusion loss of one micro-batch (DDPM Algorithm 1), a 0-dim tensor."""
         B = x_0.shape[0]
         t = torch.randint(self.diffusion.T, (B,), device=self.device, generator=self.generator)
         noise = torch.randn(x_0.shape, device=self.device, dtype=x_0.dtype,
                             generator=self.generator)
+        y = None
+        if self.labels is not None:
+            u = torch.rand(B, device=self.device, generator=self.generator)
+            y = self.drop_labels(self.labels, u)
         with self._autocast():
-            losses = self.diffusion.training_losses(self.model, x_0, t, noise)
+            losses = self.diffusion.training_losses(self.denoiser(y), x_0, t, noise)
         return losses.float().mean()
+
+    def drop_labels(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """y (B,) with "no class" (K) where the uniform draw u (B,) < class_dropout."""
+        return torch.where(u < self.class_dropout, torch.full_like(y, self.num_classes), y)
+
+    def denoiser(self, y: torch.Tensor | None):
+        """The network as `denoise_fn(x_t, t)`, given the (dropped-out) labels y or None."""
+        if y is None:
+            return self.model
+        return lambda x_t, t: self.model(x_t, t, y)
 
     @property
     def sampling_model(self) -> nn.Module:
@@ -434,6 +470,7 @@ class Trainer:
         # Resume lands on an update boundary, so the next micro-batch opens a new group.
         for batch in _iter_from(self.data, self.batch_in_epoch):
             x_0 = self.prepare_batch(batch)
+            self.labels = self.prepare_labels(batch)
             self.micro_index = micro  # position in the accumulation group, for compute_loss
             self.batch_in_epoch += 1
             micro += 1
