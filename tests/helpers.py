@@ -119,3 +119,15 @@ def random_inception_weights(folder: Path, seed: int):
     spec = dataclasses.replace(wts.INCEPTION_WEIGHTS, sha256=wts.sha256_of_file(str(path)),
                                num_bytes=path.stat().st_size)
     return str(path), spec
+
+
+def one_line_error(capsys, code, *needles):
+    """Assert a CLI failure as users must see it: exit 2 and one `error: ...` line on stderr
+    holding every needle, no traceback. Returns the line."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

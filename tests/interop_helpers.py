@@ -68,3 +68,25 @@ def save_model_folder(folder, unet_config=TINY, scheduler=None, seed=0, **save_k
         json.dump({"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
                    "unet": ["diffusers", "UNet2DModel"]}, f)
     return unet
+
+
+def ddpm_pipeline_gap(folder, model, diffusion, batch=2):
+    """Largest pixel difference (in [0, 1]) between diffusers' DDPMPipeline loaded from
+    `folder` and ddpmkit's DDPM sampler on `model`, one generator for x_T and every step's
+    noise (both draw x_T first, then one normal tensor per step t > 0)."""
+    import numpy as np
+    from diffusers import DDPMPipeline
+
+    from ddpmkit import make_sampler, sample
+
+    pipe = DDPMPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(batch_size=batch, generator=torch.Generator().manual_seed(0),
+                  num_inference_steps=diffusion.T, output_type="np").images
+    g = torch.Generator().manual_seed(0)
+    _, height, width, channels = theirs.shape
+    x_T = torch.randn((batch, channels, height, width), generator=g)
+    x_0 = sample(diffusion, model, make_sampler(diffusion, "ddpm"), x_T, generator=g)
+    ours = (x_0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert theirs.std() > 0.05  # a real image, not a constant
+    return np.abs(ours - theirs).max()

@@ -8,21 +8,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import randomize_, tiny_config
+from helpers import one_line_error, randomize_, tiny_config
 from PIL import Image
 
 from ddpmkit.cli import main as ddpmkit_main
 from ddpmkit.generation import LABELS_NAME, MANIFEST_NAME
 from ddpmkit.models.loading import build_from_config
 from ddpmkit.training.checkpoint import load_checkpoint, save_checkpoint
-
-
-def _one_line_error(capsys, rc, needle):
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
-    assert "Traceback" not in err
 
 
 # ---- train-toy ---------------------------------------------------------------------------
@@ -68,7 +60,7 @@ def test_train_toy_class_cond_resumes_exactly(tmp_path, capsys):
     (["--class-cond", "--class-dropout", "1"], "--class-dropout must be in [0, 1)"),
 ])
 def test_train_toy_bad_class_flags(tmp_path, capsys, flags, needle):
-    _one_line_error(capsys, ddpmkit_main(toy_args(tmp_path, *flags)), needle)
+    one_line_error(capsys, ddpmkit_main(toy_args(tmp_path, *flags)), needle)
 
 
 # ---- generate ----------------------------------------------------------------------------
@@ -180,17 +172,19 @@ def test_unconditional_checkpoint_samples_as_before(tmp_path, capsys):
 def test_generate_bad_labels(tmp_path, conditional_checkpoint, capsys, flags, needle):
     code = ddpmkit_main(["generate", "--chkpt-path", conditional_checkpoint, "--total-size",
                          "2", "--save-dir", str(tmp_path), "--no-progress", *flags])
-    _one_line_error(capsys, code, needle)
+    one_line_error(capsys, code, needle)
     assert not (tmp_path / "cifar10").exists()
 
 
 @pytest.mark.parametrize("flags", [["--class-label", "1"], ["--guidance-scale", "2"]])
 def test_labels_for_an_unconditional_checkpoint(tmp_path, capsys, flags):
     path = _checkpoint(tmp_path)
+    before = sorted(os.listdir(tmp_path))
     code = ddpmkit_main(["generate", "--chkpt-path", path, "--total-size", "2", "--save-dir",
                          str(tmp_path), "--no-progress", *flags])
-    _one_line_error(capsys, code, "need a class-conditional model, but this checkpoint is "
+    one_line_error(capsys, code, "need a class-conditional model, but this checkpoint is "
                                   "unconditional")
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
 
 
 # ---- train (images) ----------------------------------------------------------------------
@@ -247,7 +241,8 @@ def test_train_class_cond_needs_labels(tmp_path, capsys, dataset, setup, needle)
         _image_folder(root, classes=("only",))
     code = ddpmkit_main(["train", "--dataset", dataset, "--root", str(root), *TINY,
                          "--class-cond", "--dry-run", "--chkpt-dir", str(tmp_path / "c")])
-    _one_line_error(capsys, code, needle)
+    one_line_error(capsys, code, needle)
+    assert not (tmp_path / "c").exists()  # a failed start writes nothing
 
 
 def test_config_num_classes_without_class_cond_is_refused(tmp_path, capsys):
@@ -255,7 +250,7 @@ def test_config_num_classes_without_class_cond_is_refused(tmp_path, capsys):
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"model": {"num_classes": 2}}))
     code = _train(tmp_path, "--root", str(root), "--config-path", str(config), "--dry-run")
-    _one_line_error(capsys, code, "add --class-cond")
+    one_line_error(capsys, code, "add --class-cond")
 
 
 # ---- eval --per-class --------------------------------------------------------------------
@@ -332,7 +327,7 @@ def test_eval_per_class(tmp_path, random_inception, capsys):
     # Samples of other classes than the reference's are refused before any work.
     _labeled_samples(tmp_path / "eval" / "t", [0, 1], ["cat", "dog"])
     code = ddpmkit_main(argv("t"))
-    _one_line_error(capsys, code, "the samples' classes do not match cifar10's (0 is 'cat' "
+    one_line_error(capsys, code, "the samples' classes do not match cifar10's (0 is 'cat' "
                                   "there, 'airplane' in cifar10)")
 
 
@@ -347,21 +342,22 @@ def test_eval_per_class_errors(tmp_path, capsys, extra, needle):
     code = ddpmkit_main(["eval", "--dataset", "cifar10", "--sample-folder", str(folder),
                          "--per-class", "--inception-weights", str(tmp_path / "none.pth"),
                          "--device", "cpu", "--num-workers", "0", *extra])
-    _one_line_error(capsys, code, needle)
+    one_line_error(capsys, code, needle)
 
 
 @pytest.mark.parametrize("flags", [["--class-dropout", "0.2"], ["--guidance-scale", "2"]])
 def test_train_class_flags_without_class_cond(tmp_path, capsys, flags):
     root = _image_folder(tmp_path / "data")
     code = _train(tmp_path, "--root", str(root), "--dry-run", *flags)
-    _one_line_error(capsys, code, "apply to class-conditional runs: add --class-cond")
+    one_line_error(capsys, code, "apply to class-conditional runs: add --class-cond")
+    assert not (tmp_path / "chkpts").exists() and not (tmp_path / "images").exists()
 
 
 def test_diffusers_export_refuses_a_class_conditional_model(tmp_path, capsys,
                                                           conditional_checkpoint):
     code = ddpmkit_main(["export", conditional_checkpoint, "--format", "diffusers",
                          str(tmp_path / "out")])
-    _one_line_error(capsys, code, "class-conditional model has no DDPMPipeline equivalent")
+    one_line_error(capsys, code, "class-conditional model has no DDPMPipeline equivalent")
     assert not (tmp_path / "out").exists()
     assert ddpmkit_main(["export", conditional_checkpoint, "--format", "safetensors",
                          str(tmp_path / "m.safetensors")]) == 0

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY, run_args, write_fake_cifar
+from helpers import TINY, one_line_error, run_args, write_fake_cifar
 
 from ddpmkit import schema
 from ddpmkit.cli import main as ddpmkit_main
@@ -28,16 +28,6 @@ def cifar_root(tmp_path_factory):
 def base(cifar_root, tmp_path, *extra):
     return ["--dataset", "cifar10", "--root", str(cifar_root), *TINY, "--batch-size", "4",
             "--num-save-images", "0", *run_args(tmp_path), *extra]
-
-
-def one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def snapshot(folder: Path):

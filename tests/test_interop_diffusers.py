@@ -18,6 +18,7 @@ from interop_helpers import (
     TINY,
     TINY_32,
     TINY_256,
+    ddpm_pipeline_gap,
     random_unet,
     save_model_folder,
     unet_kwargs,
@@ -216,22 +217,10 @@ def test_defaults_without_scheduler_config_are_ddpmschedulers():
     assert got["timesteps"] == theirs.config.num_train_timesteps
 
 
-def _ddpm_parity(tmp_path, scheduler, batch=2):
-    """ddpmkit's DDPM sampler vs DDPMPipeline, the same generator for x_T and every step's
-    noise (both draw x_T first, then one normal tensor per step t > 0)."""
+def _ddpm_parity(tmp_path, scheduler):
     save_model_folder(tmp_path, TINY, scheduler)
     model, config = load_model_from_checkpoint(str(tmp_path))
-    diffusion = build_diffusion(config["diffusion"])
-    pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path))
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(batch_size=batch, generator=torch.Generator().manual_seed(0),
-                  num_inference_steps=diffusion.T, output_type="np").images
-    g = torch.Generator().manual_seed(0)
-    x_T = torch.randn((batch, 3, 8, 8), generator=g)
-    x_0 = sample(diffusion, model, make_sampler(diffusion, "ddpm"), x_T, generator=g)
-    ours = (x_0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    assert 0.05 < theirs.std()  # a real image, not a constant
-    return np.abs(ours - theirs).max()
+    return ddpm_pipeline_gap(tmp_path, model, build_diffusion(config["diffusion"]))
 
 
 @pytest.mark.parametrize("variance, clip", [("fixed_small", False), ("fixed_large", True)])

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import randomize_, rel_error, tiny_config
+from interop_helpers import ddpm_pipeline_gap
 
-from ddpmkit import make_sampler, sample
 from ddpmkit.build import build_diffusion
 from ddpmkit.cli.export import main as export_main
 from ddpmkit.errors import UserError
@@ -69,23 +69,9 @@ def test_diffusers_scheduler_is_the_same_diffusion(exported):
     assert scheduler.config.prediction_type == "epsilon"
 
 
-def _ddpm_parity(folder, model, config, batch=2):
-    pipe = diffusers.DDPMPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    diffusion = build_diffusion(config["diffusion"])
-    theirs = pipe(batch_size=batch, generator=torch.Generator().manual_seed(0),
-                  num_inference_steps=diffusion.T, output_type="np").images
-    g = torch.Generator().manual_seed(0)
-    x_T = torch.randn((batch, 3, 8, 8), generator=g)
-    x_0 = sample(diffusion, model, make_sampler(diffusion, "ddpm"), x_T, generator=g)
-    ours = (x_0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    assert theirs.std() > 0.05
-    return np.abs(ours - theirs).max()
-
-
 def test_ddpmpipeline_samples_the_exported_model_like_ddpmkit(exported, one_thread):
     root, _, avg, _ = exported
-    assert _ddpm_parity(root / "out", avg, tiny_config()) < 1e-4
+    assert ddpm_pipeline_gap(root / "out", avg, build_diffusion(tiny_config()["diffusion"])) < 1e-4
 
 
 def test_ddimpipeline_loads_and_runs_the_export(exported, one_thread):
@@ -140,7 +126,7 @@ def test_x_0_models_export_as_prediction_type_sample(tmp_path, one_thread):
     export_checkpoint(str(tmp_path / "c.pt"), str(tmp_path / "out"), "diffusers")
     scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert (scheduler["prediction_type"], scheduler["variance_type"]) == ("sample", "fixed_small")
-    assert _ddpm_parity(tmp_path / "out", avg, config) < 1e-4
+    assert ddpm_pipeline_gap(tmp_path / "out", avg, build_diffusion(config["diffusion"])) < 1e-4
 
 
 @pytest.mark.parametrize("schedule, expect", [

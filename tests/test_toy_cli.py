@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_line_error
 
 from ddpmkit.cli import main as ddpmkit_main
 from ddpmkit.cli.train_toy import main
@@ -66,15 +67,6 @@ def test_resume_continues_exactly(tmp_path, capsys):
     assert torch.equal(sa["rng"]["trainer"], sb["rng"]["trainer"])
 
 
-def _one_line_error(capsys, rc, needle):
-    err = capsys.readouterr().err
-    assert rc == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and needle in lines[0]
-    assert "Traceback" not in err
-
-
 @pytest.mark.parametrize("flags, needle", [
     (["--dataset", "moons"], "--dataset"),
     (["--timesteps", "0"], "--timesteps"),
@@ -86,31 +78,31 @@ def _one_line_error(capsys, rc, needle):
     (["--timesteps", "ten"], "--timesteps"),
 ])
 def test_bad_flags(tmp_path, capsys, flags, needle):
-    _one_line_error(capsys, main(tiny_args(tmp_path, "--epochs", "1", *flags)), needle)
+    one_line_error(capsys, main(tiny_args(tmp_path, "--epochs", "1", *flags)), needle)
 
 
 def test_resume_without_checkpoint(tmp_path, capsys):
     rc = main(tiny_args(tmp_path, "--epochs", "1", "--resume"))
-    _one_line_error(capsys, rc, "no checkpoint")
+    one_line_error(capsys, rc, "no checkpoint")
 
 
 def test_resume_from_corrupt_checkpoint(tmp_path, capsys):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "ddpm_gaussian8_3.pt").write_bytes(b"not a checkpoint at all")
     rc = main(tiny_args(tmp_path, "--epochs", "1", "--resume"))
-    _one_line_error(capsys, rc, "ddpm_gaussian8_3.pt")
+    one_line_error(capsys, rc, "ddpm_gaussian8_3.pt")
 
 
 def test_resume_with_other_settings(tmp_path, capsys):
     assert main(tiny_args(tmp_path, "--epochs", "1", "--eval-intv", "5")) == 0
     capsys.readouterr()
     rc = main(tiny_args(tmp_path, "--epochs", "2", "--resume", "--mid-features", "32"))
-    _one_line_error(capsys, rc, "--mid-features 16")
+    one_line_error(capsys, rc, "--mid-features 16")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda(tmp_path, capsys):
-    _one_line_error(capsys, main(tiny_args(tmp_path, "--device", "cuda:0")), "CUDA")
+    one_line_error(capsys, main(tiny_args(tmp_path, "--device", "cuda:0")), "CUDA")
 
 
 def test_recipe_defaults_yield_to_typed_flags():

@@ -296,11 +296,6 @@ def _annotate_config_defaults(p: argparse.ArgumentParser) -> None:
 
 
 # ---- config resolution --------------------------------------------------------------------
-def builtin_defaults(parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, Dict[str, Any]]:
-    """The schema's built-in values (the parser's defaults are taken from the same table)."""
-    return schema.defaults()
-
-
 def _config_name(args: argparse.Namespace) -> str:
     """The shipped config to read when no --config-path is given (folder: by image size)."""
     name = args.dataset or "cifar10"
