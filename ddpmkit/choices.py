@@ -10,9 +10,11 @@ BETA_SCHEDULES = ("linear", "quad", "warmup10", "warmup50", "jsd", "cosine", "co
 # leading / trailing: diffusers' `timestep_spacing` values (linspace is what ddpmkit called
 # linear until it took the reference's meaning).
 SKIP_SCHEDULES = ("linear", "quadratic", "linspace", "leading", "trailing")
-MODEL_MEAN_TYPES = ("eps", "x_0", "mean")
+MODEL_MEAN_TYPES = ("eps", "x_0", "mean", "v")
 MODEL_VAR_TYPES = ("fixed-small", "fixed-large", "learned")
 LOSS_TYPES = ("mse", "kl")
+# How the MSE is weighted over t: "uniform" (DDPM eq. 14) or "min-snr" (Hang et al. 2023).
+LOSS_WEIGHTS = ("uniform", "min-snr")
 DECODERS = ("discretized", "continuous")
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 # Which eps a DDIM step moves along once x_0 is clipped: "clipped" re-derives it from the

@@ -8,6 +8,7 @@ from ddpmkit.diffusion.gaussian import (
     BPDResult,
     GaussianDiffusion,
     PMeanVar,
+    Prediction,
 )
 from ddpmkit.diffusion.guidance import classifier_free_guidance, guidance_combine
 from ddpmkit.diffusion.samplers import (
@@ -26,6 +27,7 @@ from ddpmkit.diffusion.schedules import (
     SKIP_SCHEDULES,
     ddim_timesteps,
     get_beta_schedule,
+    rescale_zero_terminal_snr,
     solver_timesteps,
 )
 
@@ -33,7 +35,7 @@ __all__ = [
     "BETA_SCHEDULES", "DDIM_EPS_SOURCES", "DDIM_STEP_TARGETS", "DECODERS", "LOSS_TYPES",
     "MODEL_MEAN_TYPES", "MODEL_VAR_TYPES",
     "SAMPLERS", "SKIP_SCHEDULES", "BPDResult", "DDIMSampler", "DDPMSampler",
-    "DPMSolverPPSampler", "GaussianDiffusion", "PMeanVar", "StepInfo", "ddim_timesteps",
+    "DPMSolverPPSampler", "GaussianDiffusion", "PMeanVar", "Prediction", "StepInfo", "ddim_timesteps",
     "classifier_free_guidance", "get_beta_schedule", "guidance_combine", "make_sampler",
-    "sample", "solver_timesteps",
+    "rescale_zero_terminal_snr", "sample", "solver_timesteps",
 ]

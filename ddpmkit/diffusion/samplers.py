@@ -66,9 +66,13 @@ def _alphas_bar_at(diffusion: GaussianDiffusion, steps: np.ndarray) -> np.ndarra
 def _model_eps(diffusion: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor,
                t: torch.Tensor) -> torch.Tensor:
     """eps as the network predicts it, before any clipping of x_0: (B, *S)."""
-    if diffusion.model_mean_type == "eps":
-        return diffusion.split_output(model_output.to(x_t.dtype))[0]
-    return diffusion.p_mean_var(model_output, x_t, t, clip_denoised=False).pred_eps
+    return diffusion.predict(model_output, x_t, t, clip_denoised=False).eps
+
+
+def _half_log_snr(alpha_bar: float) -> float:
+    """lambda = log(alpha / sigma) = (log(alphas_bar) - log(1 - alphas_bar)) / 2; -inf at zero
+    SNR, where a step of size h = +inf lands on the first-order (DDIM) update."""
+    return -math.inf if alpha_bar == 0 else 0.5 * (math.log(alpha_bar) - math.log(1 - alpha_bar))
 
 
 @dataclass
@@ -157,13 +161,11 @@ class DPMSolverPPSampler:
         t_now = int(self.timesteps[i])
         t_next = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
         t = torch.full((x_t.shape[0],), t_now, dtype=torch.long, device=x_t.device)
-        x_0 = diffusion.p_mean_var(model_output, x_t, t, clip_denoised=clip).pred_x_0
+        x_0 = diffusion.predict(model_output, x_t, t, clip_denoised=clip).x_0
         if t_next < 0:
             return x_0, x_0  # lambda = +inf: the first-order step lands exactly on x_0
         ab_now, ab_next = _alphas_bar_at(diffusion, np.array([t_now, t_next]))
-        lam_now = 0.5 * (math.log(ab_now) - math.log(1 - ab_now))
-        lam_next = 0.5 * (math.log(ab_next) - math.log(1 - ab_next))
-        h = lam_next - lam_now
+        h = _half_log_snr(ab_next) - _half_log_snr(ab_now)
         if state.prev_x_0 is None:
             d = x_0  # (1) first step: first order (DDIM)
         else:
