@@ -23,6 +23,7 @@ from ddpmkit.choices import (
     COMPILE_MODES,
     IMAGE_DATASETS,
     LOSS_TYPES,
+    LOSS_WEIGHTS,
     MODEL_MEAN_TYPES,
     MODEL_VAR_TYPES,
     PRECISIONS,
@@ -97,9 +98,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "beta_start": _float("first beta (linear, quad, warmup schedules)", 1e-4, low=0,
                              high=1, low_open=True, high_open=True),
         "beta_end": _float("last beta", 0.02, low=0, high=1, low_open=True, high_open=True),
-        "model_mean_type": _choice("what the network predicts", "eps", MODEL_MEAN_TYPES),
+        "model_mean_type": _choice("what the network predicts (v: sqrt(alphas_bar) eps - "
+                                   "sqrt(1 - alphas_bar) x_0)", "eps", MODEL_MEAN_TYPES),
         "model_var_type": _choice("reverse-process variance", "fixed-large", MODEL_VAR_TYPES),
         "loss_type": _choice("training loss", "mse", LOSS_TYPES),
+        "loss_weight": _choice("weight of the MSE over t: uniform, or min-snr (Hang et al. 2023; "
+                               "see the README's objectives)", "uniform", LOSS_WEIGHTS),
+        "min_snr_gamma": _float("gamma of min-snr: the SNR above which the weight stops "
+                                "growing", 5.0, low=0, low_open=True),
+        "zero_terminal_snr": _bool("rescale the betas to zero SNR at t = T-1 (Lin et al. 2024; "
+                                   "not with model_mean_type eps: use v)", False),
     },
     "model": {
         "in_channels": _int("image channels the network takes", low=1),

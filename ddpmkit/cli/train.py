@@ -23,7 +23,13 @@ from ddpmkit.choices import (
     PRECISIONS,
     SKIP_SCHEDULES,
 )
-from ddpmkit.cli import CLIParser, add_speed_flags, run_guarded, setup_logging
+from ddpmkit.cli import (
+    CLIParser,
+    add_objective_flags,
+    add_speed_flags,
+    run_guarded,
+    setup_logging,
+)
 from ddpmkit.config import (
     PACKAGE_CONFIG_DIR,
     deep_update,
@@ -51,6 +57,9 @@ FLAG_TO_CONFIG = {
     "model_mean_type": ("diffusion", "model_mean_type"),
     "model_var_type": ("diffusion", "model_var_type"),
     "loss_type": ("diffusion", "loss_type"),
+    "loss_weight": ("diffusion", "loss_weight"),
+    "min_snr_gamma": ("diffusion", "min_snr_gamma"),
+    "zero_terminal_snr": ("diffusion", "zero_terminal_snr"),
     "block_size": ("model", "block_size"),
     "hid_channels": ("model", "hid_channels"),
     "ch_multipliers": ("model", "ch_multipliers"),
@@ -144,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-var-type", choices=MODEL_VAR_TYPES,
                    default=_d("diffusion", "model_var_type"))
     g.add_argument("--loss-type", choices=LOSS_TYPES, default=_d("diffusion", "loss_type"))
+    add_objective_flags(g, _d("diffusion", "loss_weight"), _d("diffusion", "min_snr_gamma"),
+                        _d("diffusion", "zero_terminal_snr"))
 
     g = p.add_argument_group("model (defaults come from the config file)")
     g.add_argument("--block-size", type=int, default=_d("model", "block_size"),
