@@ -325,7 +325,6 @@ def test_omitted_keys_take_diffusers_defaults():
 @pytest.mark.parametrize("change, key", [
     ({"variance_type": "learned_range"}, "learned_range"),
     ({"variance_type": "learned"}, "learned"),
-    ({"prediction_type": "v_prediction"}, "v_prediction"),
     ({"thresholding": True}, "thresholding"),
     ({"clip_sample_range": 2.0}, "clip_sample_range"),
     ({"beta_schedule": "laplace"}, "laplace"),
@@ -363,9 +362,9 @@ def _break(folder, how):
         (folder / "model_index.json").write_text(json.dumps({
             "_class_name": "LDMPipeline", "unet": ["diffusers", "UNet2DModel"],
             "vqvae": ["diffusers", "VQModel"], "scheduler": ["diffusers", "DDIMScheduler"]}))
-    elif how == "v-prediction scheduler":
+    elif how == "thresholding scheduler":
         (folder / "scheduler_config.json").write_text(json.dumps(
-            {**SCHEDULER_CIFAR10, "prediction_type": "v_prediction"}))
+            {**SCHEDULER_CIFAR10, "thresholding": True}))
 
 
 @pytest.mark.parametrize("how, expect", [
@@ -376,7 +375,7 @@ def _break(folder, how):
     ("corrupt weights", "safetensors"),
     ("missing tensor", "to_k.weight"),
     ("latent pipeline", "vqvae"),
-    ("v-prediction scheduler", "v_prediction"),
+    ("thresholding scheduler", "thresholding"),
 ])
 def test_bad_folders_are_one_line_errors(tmp_path, how, expect):
     save_model_folder(tmp_path)
