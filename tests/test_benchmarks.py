@@ -86,3 +86,15 @@ def test_profile_step_runs_and_sorts_kernels(bench, config_path, capsys):
         "void pytorch_flash::flash_fwd_kernel", "multi_tensor_apply_kernel<FusedAdam>")}
     assert list(kinds.values()) == ["matmul/conv", "layout", "norm", "elementwise",
                                     "copy/cast", "attention", "optimizer"]
+
+
+def test_toy_objectives_compares_at_equal_updates(bench, capsys):
+    import toy_objectives
+
+    assert toy_objectives.main(["--updates", "4", "--eval-every", "2", "--batch-size", "16",
+                                "--num-points", "200", "--objectives", "eps", "v + min-SNR",
+                                "x_0"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "objective" not in line]
+    assert [(r[0].strip(), int(r[1])) for r in rows] == [
+        (name, step) for name in ("eps", "v + min-SNR", "x_0") for step in (2, 4)]
