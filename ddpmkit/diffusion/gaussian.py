@@ -111,6 +111,41 @@ def _x_0_loss_factor(model_mean_type: str, snr: np.ndarray, coef1: np.ndarray) -
             "mean": coef1 ** 2}[model_mean_type]
 
 
+def _tables(betas: np.ndarray) -> Dict[str, np.ndarray]:
+    """The float64 tables (T,) of the symbol table above, from betas (T,)."""
+    alphas = 1.0 - betas
+    alphas_bar = np.cumprod(alphas)
+    alphas_bar_prev = np.append(1.0, alphas_bar[:-1])
+    posterior_var = betas * (1.0 - alphas_bar_prev) / (1.0 - alphas_bar)
+    # beta~_0 = 0; the official code replaces it by beta~_1 so the log stays finite.
+    posterior_var_clipped = np.append(posterior_var[1], posterior_var[1:])
+    # `fixed-large` uses beta_t, with beta_0 replaced by beta~_1 (official code) so the
+    # decoder variance at t = 0 is not needlessly large.
+    fixed_large_var = np.append(posterior_var[1], betas[1:])
+    snr = alphas_bar / (1.0 - alphas_bar)
+    coef1 = betas * np.sqrt(alphas_bar_prev) / (1.0 - alphas_bar)
+    with np.errstate(divide="ignore"):  # 1 / alphas_bar is inf at zero terminal SNR
+        sqrt_recip_alphas_bar = np.sqrt(1.0 / alphas_bar)
+        sqrt_recipm1_alphas_bar = np.sqrt(1.0 / alphas_bar - 1.0)
+    return {
+        "betas": betas,
+        "alphas_bar": alphas_bar,
+        "alphas_bar_prev": alphas_bar_prev,
+        "sqrt_alphas_bar": np.sqrt(alphas_bar),
+        "sqrt_one_minus_alphas_bar": np.sqrt(1.0 - alphas_bar),
+        "log_one_minus_alphas_bar": np.log(1.0 - alphas_bar),
+        "sqrt_recip_alphas_bar": sqrt_recip_alphas_bar,
+        "sqrt_recipm1_alphas_bar": sqrt_recipm1_alphas_bar,
+        "posterior_var": posterior_var,
+        "posterior_logvar_clipped": np.log(posterior_var_clipped),
+        "posterior_mean_coef1": coef1,
+        "posterior_mean_coef2": (1.0 - alphas_bar_prev) * np.sqrt(alphas) / (1.0 - alphas_bar),
+        "fixed_large_var": fixed_large_var,
+        "fixed_large_logvar": np.log(fixed_large_var),
+        "snr": snr,
+    }
+
+
 class GaussianDiffusion:
     """The DDPM forward and reverse processes. Not an nn.Module: it holds no device or weights.
 
@@ -143,39 +178,10 @@ class GaussianDiffusion:
         self.zero_terminal_snr = bool(betas[-1] == 1)
         self.clip_denoised = decoder == "discretized" if clip_denoised is None else clip_denoised
 
-        alphas = 1.0 - betas
-        alphas_bar = np.cumprod(alphas)
-        alphas_bar_prev = np.append(1.0, alphas_bar[:-1])
-        posterior_var = betas * (1.0 - alphas_bar_prev) / (1.0 - alphas_bar)
-        # beta~_0 = 0; the official code replaces it by beta~_1 so the log stays finite.
-        posterior_var_clipped = np.append(posterior_var[1], posterior_var[1:])
-        # `fixed-large` uses beta_t, with beta_0 replaced by beta~_1 (official code) so the
-        # decoder variance at t = 0 is not needlessly large.
-        fixed_large_var = np.append(posterior_var[1], betas[1:])
-        snr = alphas_bar / (1.0 - alphas_bar)
-        coef1 = betas * np.sqrt(alphas_bar_prev) / (1.0 - alphas_bar)
-        with np.errstate(divide="ignore"):  # 1 / alphas_bar is inf at zero terminal SNR
-            sqrt_recip_alphas_bar = np.sqrt(1.0 / alphas_bar)
-            sqrt_recipm1_alphas_bar = np.sqrt(1.0 / alphas_bar - 1.0)
-        tables = {
-            "betas": betas,
-            "alphas_bar": alphas_bar,
-            "alphas_bar_prev": alphas_bar_prev,
-            "sqrt_alphas_bar": np.sqrt(alphas_bar),
-            "sqrt_one_minus_alphas_bar": np.sqrt(1.0 - alphas_bar),
-            "log_one_minus_alphas_bar": np.log(1.0 - alphas_bar),
-            "sqrt_recip_alphas_bar": sqrt_recip_alphas_bar,
-            "sqrt_recipm1_alphas_bar": sqrt_recipm1_alphas_bar,
-            "posterior_var": posterior_var,
-            "posterior_logvar_clipped": np.log(posterior_var_clipped),
-            "posterior_mean_coef1": coef1,
-            "posterior_mean_coef2": (1.0 - alphas_bar_prev) * np.sqrt(alphas) / (1.0 - alphas_bar),
-            "fixed_large_var": fixed_large_var,
-            "fixed_large_logvar": np.log(fixed_large_var),
-            "snr": snr,
-        }
+        tables = _tables(betas)
         if self.loss_weight == "min-snr":
-            factor = _x_0_loss_factor(self.model_mean_type, snr, coef1)
+            snr = tables["snr"]
+            factor = _x_0_loss_factor(self.model_mean_type, snr, tables["posterior_mean_coef1"])
             tables["min_snr_weight"] = np.minimum(snr, self.min_snr_gamma) / factor
         for name, table in tables.items():
             # Only eps -> x_0 divides by sqrt(alphas_bar), and eps is refused at zero SNR.
