@@ -317,3 +317,44 @@ def test_resumed_run_keeps_its_images(tmp_path, caplog):
     from helpers import same_tensors
 
     same_tensors(final_state(tmp_path, "straight")["model"], final_state(tmp_path, "split")["model"])
+
+
+def _printed(capsys) -> dict:
+    """The `name: value` lines eval printed."""
+    return dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()
+                if ": " in line)
+
+
+def test_eval_scores_one_channel_non_square_samples(tmp_path, capsys, monkeypatch):
+    """bits/dim on the training folder (its channels and size from the checkpoint) and FID of
+    the L PNG samples against a reference folder of 16-bit images."""
+    from helpers import random_inception_weights
+
+    from ddpmkit.cli.eval import main as eval_main
+    from ddpmkit.metrics import weights as wts
+
+    root = write_gray_folder(tmp_path / "gray")
+    assert _train(tmp_path, root, "--image-size", "8,16", "--max-steps", "1") == 0
+    ckpt = next((tmp_path / "chkpts" / "run").glob("*.pt"))
+    samples = _generate(capsys, tmp_path, ckpt, "--total-size", "4")
+    assert len(samples) == 4
+    capsys.readouterr()
+    common = ["--device", "cpu", "--num-workers", "0", "--eval-batch-size", "2"]
+    assert eval_main(["--metrics", "bpd", "--chkpt-path", str(ckpt), "--dataset", "folder",
+                      "--root", str(root), "--bpd-split", "all", "--eval-total-size", "2",
+                      *common]) == 0
+    lines = _printed(capsys)
+    assert np.isfinite(float(lines["bits/dim"])) and lines["images"] == "2"
+
+    weights, spec = random_inception_weights(tmp_path, seed=3)
+    monkeypatch.setattr(wts, "INCEPTION_WEIGHTS", spec)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(4):
+        deep = np.random.default_rng(i).integers(0, 65536, (8, 16), dtype=np.uint16)
+        Image.fromarray(deep).save(ref / f"{i}.png")
+    assert eval_main(["--metrics", "fid", "--sample-folder", str(samples[0].parent),
+                      "--ref-folder", str(ref), "--inception-weights", weights,
+                      *common]) == 0, capsys.readouterr().err
+    fid = float(_printed(capsys)["FID"])
+    assert np.isfinite(fid) and fid > 0

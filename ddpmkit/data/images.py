@@ -35,9 +35,9 @@ import math
 import os
 import pickle
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -260,6 +260,15 @@ class FolderOptions:
     resize_mode: str = "center-crop"
     strict_images: bool = False
     files: tuple[str, ...] | None = None  # a resumed run's files (None: all that decode)
+
+    @classmethod
+    def from_config(cls, dataset: Mapping[str, Any], files: Sequence[str] | None = None
+                    ) -> FolderOptions:
+        """The options a (resolved) config's `dataset` section records."""
+        return cls(channels=dataset.get("channels"),
+                   resize_mode=dataset.get("resize_mode") or "center-crop",
+                   strict_images=bool(dataset.get("strict_images")),
+                   files=None if files is None else tuple(files))
 
 
 @dataclass(frozen=True)

@@ -289,9 +289,7 @@ def _folder_options(ds: Dict[str, Any], folder: RunFolder):
     if folder.resumed is not None and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             files = tuple(line.rstrip("\n") for line in f if line.strip())
-    return FolderOptions(channels=ds["channels"], resize_mode=ds.get("resize_mode") or
-                         "center-crop", strict_images=bool(ds.get("strict_images")),
-                         files=files)
+    return FolderOptions.from_config(ds, files)
 
 
 class ImageListFile(Callback):
