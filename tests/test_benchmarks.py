@@ -86,3 +86,18 @@ def test_profile_step_runs_and_sorts_kernels(bench, config_path, capsys):
         "void pytorch_flash::flash_fwd_kernel", "multi_tensor_apply_kernel<FusedAdam>")}
     assert list(kinds.values()) == ["matmul/conv", "layout", "norm", "elementwise",
                                     "copy/cast", "attention", "optimizer"]
+
+
+def test_folder_loading_compares_with_torchvision(bench, tmp_path, capsys):
+    import folder_loading
+    import numpy as np
+    from PIL import Image
+
+    for i in range(4):
+        (tmp_path / "imgs" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / "a" /
+                                                                    f"{i}.png")
+    assert folder_loading.main(["--folder", str(tmp_path / "imgs"), "--image-size", "8",
+                                "--workers", "0", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "cached start (stat only)" in out and "| 0 |" in out and "x |" in out

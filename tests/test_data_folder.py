@@ -206,6 +206,14 @@ def test_dataset_yields_every_mode_at_the_asked_size(tmp_path):
         assert image.shape == (3, 16, 32) and -1 <= image.min() and image.max() <= 1
 
 
+def test_a_file_broken_after_the_start_is_one_line(tmp_path):
+    root = write_gray_folder(tmp_path / "g", n=2)
+    dataset = build_dataset("folder", str(root), image_size=8)
+    (root / "1.png").write_bytes(b"garbage")
+    with pytest.raises(UserError, match=r"cannot read image .*1\.png"):
+        dataset[1]
+
+
 def test_pinned_files_refuse_missing_and_state_added(tmp_path, caplog):
     root = write_gray_folder(tmp_path / "g", n=4)
     index = fd.build_index(str(root))
