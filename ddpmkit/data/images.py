@@ -174,15 +174,16 @@ class FolderOptions:
     resize_mode: str = "center-crop"
     strict_images: bool = False
     files: tuple[str, ...] | None = None  # a resumed run's files (None: all that decode)
+    report: bool = True  # name the undecodable files (training did so once already: False)
 
     @classmethod
     def from_config(cls, dataset: Mapping[str, Any], files: Sequence[str] | None = None
-                    ) -> FolderOptions:
+                    , report: bool = True) -> FolderOptions:
         """The options a (resolved) config's `dataset` section records."""
         return cls(channels=dataset.get("channels"),
                    resize_mode=dataset.get("resize_mode") or "center-crop",
                    strict_images=bool(dataset.get("strict_images")),
-                   files=None if files is None else tuple(files))
+                   files=None if files is None else tuple(files), report=report)
 
 
 @dataclass(frozen=True)
@@ -323,14 +324,16 @@ def _square(req: _Request, name: str) -> int:
     return height
 
 
-def folder_channels(index, channels: int | None) -> int:
-    """The channels a folder trains: `channels` if given, else 1 when every image is
-    grayscale (stated in the log), else 3."""
+def folder_channels(index, channels: int | None, files: Sequence[str] | None = None) -> int:
+    """The channels a folder trains: `channels` if given, else 1 when every image (of `files`,
+    a resumed run's, if given) is grayscale (stated in the log), else 3."""
     if channels is not None:
         if channels not in (1, 3):
             raise UserError(f"--channels must be 1 or 3, got {channels}")
         return channels
-    channels = 1 if index.all_grayscale else 3
+    gray = dict(zip(index.files, index.grayscale))
+    channels = 1 if all(gray.get(f, False) for f in (index.files if files is None else files)) \
+        else 3
     logger.info("--channels auto: %s under %s, so the model has %d channel(s)",
                 "every image is grayscale" if channels == 1 else "some images have color",
                 index.root, channels)
@@ -342,10 +345,11 @@ def _load_folder(req: _Request) -> Dataset | None:
         return None
     options = req.folder or FolderOptions()
     index = build_index(req.root, workers=available_cpus())
-    report_bad_files(index, options.strict_images)
+    if options.report:
+        report_bad_files(index, options.strict_images)
     files = index.files if options.files is None else pin_files(index, options.files)
     labels, _ = folder_labels(files)
-    channels = folder_channels(index, options.channels)
+    channels = folder_channels(index, options.channels, files)
     return FileImageDataset(req.root, files, labels, ResizeTo(*req.resolution,
                             options.resize_mode), channels, req.random_flip,
                             convert=functools.partial(to_channels, channels=channels))

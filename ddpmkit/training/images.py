@@ -178,10 +178,12 @@ def _check_same_architecture(state: Dict[str, Any], config: Dict[str, Any], path
                         f"{'; '.join(diffs[:4])}); resume with the same config and flags")
 
 
-def complete_dataset_facts(config: Dict[str, Any]) -> Dict[str, Any]:
+def complete_dataset_facts(config: Dict[str, Any],
+                           run_images: Optional[List[str]] = None) -> Dict[str, Any]:
     """Resolution and channels belong to the dataset: fill them in (and the network's input
     channels) from the dataset registry where the config file does not give them, as the
-    reference project's files do not."""
+    reference project's files do not. `run_images`: a resumed folder run's image list (its
+    channels are decided from those files)."""
     from ddpmkit.data.images import DATASETS, dataset_info
     from ddpmkit.models.unet import check_image_size
 
@@ -189,7 +191,7 @@ def complete_dataset_facts(config: Dict[str, Any]) -> Dict[str, Any]:
     channels, resolution = dataset_info(ds["name"], ds.get("resolution"))
     ds["resolution"] = resolution
     if ds["name"] == "folder":
-        ds["channels"] = _folder_channels(ds)
+        ds["channels"] = _folder_channels(ds, run_images)
     elif ds.get("channels") not in (None, channels):
         raise UserError(f"{ds['name']} images have {channels} channel(s); --channels "
                         f"{ds['channels']} is for --dataset folder")
@@ -208,9 +210,9 @@ def complete_dataset_facts(config: Dict[str, Any]) -> Dict[str, Any]:
     return config
 
 
-def _folder_channels(ds: Dict[str, Any]) -> int:
+def _folder_channels(ds: Dict[str, Any], run_images: Optional[List[str]]) -> int:
     """A folder's channels (--channels, else decided from its images), its undecodable files
-    named (or refused with strict_images) once, here in the launching process."""
+    named (or refused with strict_images) once, here, by the main process."""
     from ddpmkit.data.folder import build_index, report_bad_files
     from ddpmkit.data.images import available_cpus, folder_channels
 
@@ -219,8 +221,18 @@ def _folder_channels(ds: Dict[str, Any]) -> int:
         raise UserError(f"image folder {root} does not exist; pass --root pointing at a folder "
                         "of images")
     index = build_index(root, workers=available_cpus())
-    report_bad_files(index, bool(ds.get("strict_images")))
-    return folder_channels(index, ds.get("channels"))
+    if dist_utils.env_dist_info().is_main or ds.get("strict_images"):
+        report_bad_files(index, bool(ds.get("strict_images")))
+    return folder_channels(index, ds.get("channels"), run_images)
+
+
+def read_image_list(folder: str) -> Optional[List[str]]:
+    """The image list a folder run wrote into its checkpoint folder (None if there is none)."""
+    path = os.path.join(folder, IMAGE_LIST_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
 
 
 def _complete_classes(config: Dict[str, Any]) -> None:
@@ -284,12 +296,8 @@ def _folder_options(ds: Dict[str, Any], folder: RunFolder):
 
     if ds["name"] != "folder":
         return None
-    files = None
-    path = os.path.join(folder.folder, IMAGE_LIST_NAME)
-    if folder.resumed is not None and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            files = tuple(line.rstrip("\n") for line in f if line.strip())
-    return FolderOptions.from_config(ds, files)
+    files = read_image_list(folder.folder) if folder.resumed is not None else None
+    return FolderOptions.from_config(ds, files, report=False)
 
 
 class ImageListFile(Callback):
@@ -476,7 +484,9 @@ def _finish(trainer: ImageTrainer, result, options, max_steps, info) -> int:
 def launch(config: Dict[str, Any], options: Dict[str, Any]) -> int:
     """Run training in this process, under torchrun, or in spawned processes (the reference's
     `--distributed --rigid-launch --num-gpus N`); returns the exit status."""
-    config = complete_dataset_facts(config)
+    resuming = options.get("resume") or options.get("auto_resume") or _elastic_restart()
+    run_images = read_image_list(run_dirs(config)["chkpt"]) if resuming else None
+    config = complete_dataset_facts(config, run_images)
     if options.get("distributed") and options.get("rigid_launch") \
             and not dist_utils.launched_by_torchrun():
         n = int(options.get("num_gpus", 1))
