@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ddpmkit.data.folder import IMAGE_EXTENSIONS, to_channels
 from ddpmkit.errors import UserError
 from ddpmkit.utils.images import quantize
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def list_images(folder: str) -> list[str]:
@@ -44,8 +44,6 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         from PIL import Image
-
-        from ddpmkit.data.folder import to_channels
 
         path = self.paths[index]
         try:
