@@ -195,7 +195,7 @@ def complete_dataset_facts(config: Dict[str, Any],
     elif ds.get("channels") not in (None, channels):
         raise UserError(f"{ds['name']} images have {channels} channel(s); --channels "
                         f"{ds['channels']} is for --dataset folder")
-    elif ds["name"] != "folder" and len(set(size_hw(resolution))) > 1:
+    elif len(set(size_hw(resolution))) > 1:
         raise UserError(f"{ds['name']} images are square: pass one --image-size (H,W sizes are "
                         "for --dataset folder)")
     ds["channels"] = int(ds.get("channels") or channels)
