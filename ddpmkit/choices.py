@@ -29,6 +29,8 @@ DDIM_STEP_TARGETS = ("next", "stride")
 # data (ddpmkit.data)
 IMAGE_DATASETS = ("mnist", "cifar10", "celeba", "celebahq", "folder")
 TOY_DATASETS = ("gaussian8", "gaussian25", "swissroll")
+# How a folder image reaches --image-size (ddpmkit.data.folder.ResizeTo).
+RESIZE_MODES = ("center-crop", "resize", "pad")
 
 # training and speed (ddpmkit.training, ddpmkit.devices)
 LR_DECAYS = ("none", "cosine", "linear")

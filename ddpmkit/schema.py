@@ -27,12 +27,13 @@ from ddpmkit.choices import (
     MODEL_MEAN_TYPES,
     MODEL_VAR_TYPES,
     PRECISIONS,
+    RESIZE_MODES,
     SKIP_SCHEDULES,
 )
 from ddpmkit.errors import UserError
 
 # Kinds of values. "int" also takes a float with an integer value (1e3 in JSON).
-KINDS = ("int", "float", "bool", "str", "int_list", "bool_list", "str_list", "compile")
+KINDS = ("int", "float", "bool", "str", "int_list", "bool_list", "str_list", "compile", "size")
 
 # What the reference's files call a few things.
 DATASET_ALIASES = {"celeba_hq": "celebahq"}
@@ -80,9 +81,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
                     "~/datasets"),
         "split": Key("str", "split to train on (null: the dataset's training split)",
                      nullable=True),
-        "resolution": _int("image size (null: the dataset's own; required for `folder`)",
-                           low=1, nullable=True),
-        "channels": _int("image channels (null: the dataset's own)", low=1, nullable=True),
+        "resolution": Key("size", "image size: S for S x S, or [H, W] (null: the dataset's "
+                          "own; required for `folder`)", low=1, nullable=True),
+        "channels": _int("image channels, 1 or 3 (null: the dataset's own; for `folder`, 1 "
+                         "when every image is grayscale, else 3)", low=1, high=3,
+                         nullable=True),
+        "resize_mode": _choice("how `folder` images reach the image size: largest centred "
+                               "crop of its aspect, stretch, or fit with black bars",
+                               "center-crop", RESIZE_MODES),
+        "strict_images": _bool("refuse a `folder` holding files that cannot be decoded "
+                               "(else they are named and skipped)", False),
         "random_flip": _bool("random horizontal flips (null: the dataset's default)",
                              nullable=True),
         "download": _bool("download the dataset when it is missing", False),
@@ -263,7 +271,33 @@ def _kind_error(key: Key, value: Any) -> str | None:
     elif key.kind == "compile":
         if not isinstance(value, (bool, str)):
             return f"must be a compile mode, true or false, got {value!r}"
+    elif key.kind == "size":
+        if _size_error(value):
+            return f"must be an integer S or a list [H, W] of integers, got {value!r}"
     return None
+
+
+def _size_error(value: Any) -> bool:
+    sizes = value if isinstance(value, (list, tuple)) else [value]
+    return not 1 <= len(sizes) <= 2 or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in sizes)
+
+
+def parse_size(text: str) -> int | list[int]:
+    """`S` -> S; `H,W` (or `HxW`) -> [H, W] (S when H = W); anything else a ValueError."""
+    sizes = [int(p) for p in text.lower().replace("x", ",").replace(" ", "").split(",")]
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise ValueError(f"expected S or H,W (positive integers), got {text!r}")
+    return sizes[0] if len(set(sizes)) == 1 else sizes
+
+
+def size_hw(resolution: Any) -> tuple[int, int]:
+    """(H, W) of an image size written S, [S], or [H, W] (config and checkpoint values)."""
+    if _size_error(resolution):
+        raise UserError(f"an image size must be S or [H, W] (positive integers), got "
+                        f"{resolution!r}")
+    sizes = list(resolution) if isinstance(resolution, (list, tuple)) else [resolution]
+    return int(sizes[0]), int(sizes[-1])
 
 
 def _range_error(key: Key, value: Any) -> str | None:
@@ -298,6 +332,9 @@ def check_value(section: str, name: str, value: Any, source: str,
         raise UserError(f"{source}: {label} {problem}" if source else f"{label} {problem}")
     if key.kind == "int" and isinstance(value, float):
         return int(value)
+    if key.kind == "size" and isinstance(value, (list, tuple)):
+        height, width = size_hw(value)  # canonical: S for square sizes, else [H, W]
+        return height if height == width else [height, width]
     return value
 
 

@@ -98,3 +98,18 @@ def test_toy_objectives_compares_at_equal_updates(bench, capsys):
             if line.startswith("| ") and "objective" not in line]
     assert [(r[0].strip(), int(r[1])) for r in rows] == [
         (name, step) for name in ("eps", "v + min-SNR", "x_0") for step in (2, 4)]
+
+
+def test_folder_loading_compares_with_torchvision(bench, tmp_path, capsys):
+    import folder_loading
+    import numpy as np
+    from PIL import Image
+
+    for i in range(4):
+        (tmp_path / "imgs" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / "a" /
+                                                                    f"{i}.png")
+    assert folder_loading.main(["--folder", str(tmp_path / "imgs"), "--image-size", "8",
+                                "--workers", "0", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "cached start (stat only)" in out and "| 0 |" in out and "x |" in out

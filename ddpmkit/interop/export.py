@@ -100,8 +100,8 @@ def _export_diffusers(out: str, state_dict: Mapping[str, Any], config: Mapping[s
     from ddpmkit.interop.diffusers_scheduler import scheduler_config_from_diffusion
     from ddpmkit.models.loading import image_shape
 
-    _, height, _ = image_shape(config)
-    unet_config = unet_config_from_model(config["model"], height)
+    _, height, width = image_shape(config)
+    unet_config = unet_config_from_model(config["model"], [height, width])
     scheduler_config = scheduler_config_from_diffusion(config.get("diffusion") or {})
     tensors = state_dict_to_diffusers(state_dict, config["model"])
     write_folder_atomically(
