@@ -222,6 +222,31 @@ def test_generated_pngs(checkpoints, tmp_path, sampler, guided):
     check_golden(f"generate_{sampler}_{'guided' if guided else 'plain'}", record, tmp_path)
 
 
+# ---- animations -----------------------------------------------------------------------------
+@pytest.mark.parametrize("ext", ["gif", "webp"])
+def test_animation_bytes(tmp_path, ext):
+    """`generate --animate` frames (exact pixels) and `train-toy`'s plot animation (small)."""
+    from ddpmkit.utils.images import PLOT_FRAMES, save_animation
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (8, 14, 3), dtype=np.uint8) for _ in range(3)]
+    plots = [Image.fromarray(rng.integers(0, 256, (300, 600, 3), dtype=np.uint8))
+             for _ in range(3)]
+    save_animation(str(tmp_path / f"samples.{ext}"), frames)
+    save_animation(str(tmp_path / f"plots.{ext}"), plots, PLOT_FRAMES)
+    record = {}
+    for name in ("samples", "plots"):
+        path = tmp_path / f"{name}.{ext}"
+        with Image.open(path) as im:
+            durations = []
+            for i in range(im.n_frames):
+                im.seek(i)
+                durations.append(im.info.get("duration"))
+            record[name] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                            "size": list(im.size), "durations": durations}
+    check_golden(f"animation_{ext}", record, tmp_path)
+
+
 # ---- evaluation -----------------------------------------------------------------------------
 def test_eval_json_on_a_fixed_folder(tmp_path, monkeypatch):
     path, spec = random_inception_weights(tmp_path, seed=3)

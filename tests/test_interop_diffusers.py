@@ -29,7 +29,7 @@ from ddpmkit.build import build_diffusion
 from ddpmkit.errors import UserError
 from ddpmkit.interop.diffusers_format import model_config_from_unet, state_dict_from_diffusers
 from ddpmkit.interop.diffusers_scheduler import diffusion_config_from_scheduler
-from ddpmkit.models.loading import load_model_from_checkpoint
+from ddpmkit.interop.sources import load_model_from_checkpoint
 from ddpmkit.models.unet import build_model, count_parameters
 
 diffusers = pytest.importorskip("diffusers")

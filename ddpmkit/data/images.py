@@ -41,12 +41,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ddpmkit.choices import IMAGE_DATASETS
 from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "~/datasets"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 # The reference's CelebA crop of the 178x218 aligned faces: (left, top, right, bottom).
 CELEBA_CROP_BOX = (15, 40, 15 + 148, 40 + 148)
@@ -491,11 +492,11 @@ DATASETS: dict[str, ImageDatasetSpec] = {
             _load_celebahq, _celebahq_dirs),
         ImageDatasetSpec(
             "folder", 3, None, False, ("train", "all"), "train",
-            "ROOT itself: any tree of .png/.jpg/.jpeg/.bmp/.webp images",
+            f"ROOT itself: any tree of {'/'.join(IMAGE_EXTENSIONS)} images",
             _load_folder, lambda root: [root]),
     )
 }
-DATASET_NAMES = tuple(DATASETS)
+DATASET_NAMES = IMAGE_DATASETS  # the registry's keys, in this order (a test checks)
 
 
 def get_spec(name: str) -> ImageDatasetSpec:

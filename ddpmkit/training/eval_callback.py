@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ddpmkit.devices import resolve_device
+from ddpmkit.runtime.devices import resolve_device
 from ddpmkit.training.trainer import Callback, Trainer
 
 logger = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ddpmkit.build import build_diffusion
-from ddpmkit.devices import compile_mode, compile_module, resolve_device, resolve_precision
 from ddpmkit.errors import UserError, signal_name
-from ddpmkit.training import distributed as dist_utils
-from ddpmkit.training.preemption import StopFlag, exit_code
+from ddpmkit.runtime import distributed as dist_utils
+from ddpmkit.runtime.devices import compile_mode, compile_module, resolve_precision
+from ddpmkit.runtime.stops import StopFlag, exit_code
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.trainer import Callback, Trainer
 
@@ -350,7 +350,7 @@ def train_worker(config: Dict[str, Any], options: Dict[str, Any]) -> int:
     """One training process (of one, of torchrun's, or of the spawned ones); returns the exit
     status (0, or 128 + the signal that stopped it)."""
     info = dist_utils.env_dist_info()
-    device = dist_utils.process_device(resolve_device(options.get("train_device", "auto")), info)
+    device = dist_utils.process_device(options.get("train_device", "auto"), info)
     with StopFlag(announce=info.is_main) as stop:
         dist_utils.init_process_group(info, device)
         try:
