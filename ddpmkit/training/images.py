@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.data import DistributedSampler
 
+from ddpmkit import schema
 from ddpmkit.build import build_diffusion
 from ddpmkit.errors import UserError, signal_name
 from ddpmkit.runtime import distributed as dist_utils
@@ -297,14 +298,14 @@ def _build_model(config: Dict[str, Any], info, device):
 
 
 def _callbacks(config, options, diffusion, device, folder: RunFolder) -> List[Callback]:
-    tr, ds, ev = config["train"], config["dataset"], config.get("eval", {})
+    tr, ds = config["train"], config["dataset"]
+    ev = {**schema.defaults()["eval"], **config.get("eval", {})}  # missing keys: defaults
     shape = (ds["channels"], ds["resolution"], ds["resolution"])
     grid = SampleGrid(diffusion, shape, run_dirs(config)["images"], every=int(tr["image_intv"]),
                       num=int(tr["num_samples"]), seed=int(tr["seed"]) + GRID_SEED_OFFSET,
-                      sampler_name="ddim" if ev.get("use_ddim") else "ddpm",
+                      sampler_name="ddim" if ev["use_ddim"] else "ddpm",
                       steps=int(ev.get("subseq_size") or 0) or None,
-                      skip_schedule=ev.get("skip_schedule", "linear"),
-                      guidance_scale=float(ev.get("guidance_scale", 1.0)))
+                      skip_schedule=ev["skip_schedule"], guidance_scale=float(ev["guidance_scale"]))
     callbacks: List[Callback] = [folder, grid]
     if ev.get("enabled"):
         from ddpmkit.training.eval_callback import FIDCallback
