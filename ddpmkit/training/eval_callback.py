@@ -27,7 +27,7 @@ class FIDCallback(Callback):
     def __init__(self, config: Dict[str, Any], diffusion, shape: Sequence[int],
                  device: torch.device, inception_weights: Optional[str] = None,
                  precomputed_dir: Optional[str] = None, eval_device: Optional[str] = None):
-        ev = {**schema.defaults()["eval"], **config.get("eval", {})}  # missing keys: defaults
+        ev = schema.section_with_defaults(config, "eval")
         self.every = int(ev.get("intv") or 0)
         self.total = int(ev["total_size"])
         self.batch = int(ev["batch_size"])

@@ -298,8 +298,7 @@ def _build_model(config: Dict[str, Any], info, device):
 
 
 def _callbacks(config, options, diffusion, device, folder: RunFolder) -> List[Callback]:
-    tr, ds = config["train"], config["dataset"]
-    ev = {**schema.defaults()["eval"], **config.get("eval", {})}  # missing keys: defaults
+    tr, ds, ev = config["train"], config["dataset"], schema.section_with_defaults(config, "eval")
     shape = (ds["channels"], ds["resolution"], ds["resolution"])
     grid = SampleGrid(diffusion, shape, run_dirs(config)["images"], every=int(tr["image_intv"]),
                       num=int(tr["num_samples"]), seed=int(tr["seed"]) + GRID_SEED_OFFSET,
