@@ -2,11 +2,12 @@
 PNG bytes, eval results), pinned in tests/data/golden/ so that moving code changes none of it.
 
 Each output is reduced to a fingerprint: a tensor becomes its sha256, shape, dtype and float64
-sum; a PNG its sha256 and pixel sum; other values stay as they are; clock readings are dropped
-and the test's temporary folder reads `<tmp>`. On the platform that recorded a file (torch
-version, CPU capability and architecture, written in it) the fingerprints must be equal byte
-for byte. Elsewhere kernels may round differently, so hashes are skipped and numbers compared
-to a relative 1e-3: the structure, keys, shapes and all non-numbers still have to match.
+sum; a PNG its sha256 and pixel sum; other values stay as they are; clock readings are dropped,
+the test's temporary folder reads `<tmp>` and the checkout `<repo>`. On the platform that
+recorded a file (torch version, CPU capability and architecture, written in it) the
+fingerprints must be equal byte for byte. Elsewhere kernels may round differently, so hashes
+are skipped and numbers compared to a relative 1e-3: the structure, keys, shapes and all
+non-numbers still have to match.
 
 After an intended change of outputs, rewrite the files and say why in the commit:
 `DDPMKIT_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py`.
@@ -31,7 +32,8 @@ from ddpmkit.metrics import weights as wts
 from ddpmkit.models.loading import build_from_config
 from ddpmkit.training.checkpoint import load_checkpoint, save_checkpoint
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "data" / "golden"
 PLATFORM = (f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
             f"{' + AMX' if 'amx_tile' in devices.cpu_flags() else ''}, {platform.machine()}")
 TRAINING_STATE = ("model", "ema", "optimizer", "scheduler", "rng", "step", "epoch")
@@ -101,8 +103,10 @@ def _differences(actual, golden, exact: bool, where="$"):
 
 
 def check_golden(name: str, actual, tmp_path: Path):
-    """Compare `actual` (made JSON-able, tmp_path spelled `<tmp>`) with golden file `name`."""
+    """Compare `actual` (made JSON-able, tmp_path spelled `<tmp>`, the checkout `<repo>`) with
+    golden file `name`."""
     text = json.dumps(fingerprint(actual), sort_keys=True).replace(str(tmp_path), "<tmp>")
+    text = text.replace(str(REPO), "<repo>")
     actual = json.loads(text)
     path = GOLDEN / f"{name}.json"
     if os.environ.get("DDPMKIT_UPDATE_GOLDEN"):
