@@ -125,6 +125,26 @@ def training_state(state: dict) -> dict:
     return {k: state[k] for k in TRAINING_STATE}
 
 
+# ---- resolved configs -----------------------------------------------------------------------
+CONFIG_FILES = sorted([*(REPO / "ddpmkit" / "configs").glob("*.json"),
+                       *(REPO / "tests" / "data" / "reference" / "configs").glob("*.json")])
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: f"{p.parent.parent.name}-{p.stem}")
+def test_resolved_config(path, tmp_path):
+    """What `train --config-path FILE` resolves (the dict every checkpoint stores), for every
+    shipped config and the reference project's."""
+    from ddpmkit.cli.train import build_parser, resolve_config, validate_config
+    from ddpmkit.config import parse_with_explicit
+    from ddpmkit.training.images import complete_dataset_facts
+
+    args, typed = parse_with_explicit(build_parser(), ["--config-path", str(path)])
+    config = resolve_config(args, typed)
+    validate_config(config)
+    check_golden(f"config_{path.parent.parent.name}_{path.stem}",
+                 complete_dataset_facts(config), tmp_path)
+
+
 # ---- toy runs -------------------------------------------------------------------------------
 def toy_argv(folder: Path, epochs: int, *extra):
     return ["train-toy", "--dataset", "gaussian8", "--size", "128", "--batch-size", "32",
