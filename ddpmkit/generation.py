@@ -35,12 +35,12 @@ from typing import Callable
 
 import torch
 
-from ddpmkit.devices import compile_mode, compile_module, inductor_freezing
 from ddpmkit.diffusion.gaussian import DenoiseFn
 from ddpmkit.diffusion.guidance import ConditionalNet, classifier_free_guidance
 from ddpmkit.diffusion.samplers import NoiseFn, StepInfo, sample
 from ddpmkit.errors import UserError
-from ddpmkit.training.distributed import DistInfo, env_dist_info
+from ddpmkit.runtime.devices import compile_mode, compile_module, inductor_freezing
+from ddpmkit.runtime.distributed import DistInfo, env_dist_info
 from ddpmkit.utils.images import TEMP_SUFFIX, to_uint8, write_file_atomic, write_png
 
 log = logging.getLogger(__name__)

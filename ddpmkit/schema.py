@@ -195,6 +195,11 @@ def defaults() -> dict[str, dict[str, Any]]:
             for section, keys in SCHEMA.items()}
 
 
+def section_with_defaults(config: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """`config[section]` with the built-in value of every key it lacks (an older config)."""
+    return {**defaults()[section], **(config.get(section) or {})}
+
+
 def normalize(config: Mapping[str, Any]) -> dict[str, Any]:
     """The reference project's file layouts in ddpmkit's: `"dataset": NAME` becomes
     `{"name": NAME}`, a `denoise` section becomes `model`, a top-level `seed` goes to `train`,

@@ -193,15 +193,15 @@ def test_cli_ddim_switches_reach_the_sampler_and_the_manifest(files, tmp_path, c
 
 def test_eval_bpd_passes_the_weight_flags_to_the_loader(monkeypatch, capsys):
     from ddpmkit.cli import eval as cli_eval
-    from ddpmkit.models import loading
+    from ddpmkit.interop import sources
 
     seen = []
 
     def fake_loader(path, config, use_ema, device, group_norm_eps=None):
         seen.append((use_ema, group_norm_eps))
-        raise loading.UserError("stop here")
+        raise sources.UserError("stop here")
 
-    monkeypatch.setattr(loading, "load_model_from_checkpoint", fake_loader)
+    monkeypatch.setattr(sources, "load_model_from_checkpoint", fake_loader)
     base = ["--metrics", "bpd", "--chkpt-path", "x.pt", "--device", "cpu"]
     for flags in ([], ["--no-ema"], ["--use-ema", "--group-norm-eps", "1e-6"]):
         assert cli_eval.main([*base, *flags]) == 2

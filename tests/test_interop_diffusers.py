@@ -33,7 +33,7 @@ from ddpmkit.interop.diffusers_format import (
     unet_config_from_model,
 )
 from ddpmkit.interop.diffusers_scheduler import diffusion_config_from_scheduler
-from ddpmkit.models.loading import load_model_from_checkpoint
+from ddpmkit.interop.sources import load_model_from_checkpoint
 from ddpmkit.models.unet import build_model, count_parameters
 
 diffusers = pytest.importorskip("diffusers")

@@ -15,7 +15,8 @@ from ddpmkit.build import build_diffusion
 from ddpmkit.cli.export import main as export_main
 from ddpmkit.errors import UserError
 from ddpmkit.interop.export import export_checkpoint
-from ddpmkit.models.loading import build_from_config, load_model_from_checkpoint
+from ddpmkit.interop.sources import load_model_from_checkpoint
+from ddpmkit.models.loading import build_from_config
 from ddpmkit.models.unet import MODEL_DEFAULTS
 from ddpmkit.training.checkpoint import save_checkpoint
 

@@ -37,7 +37,7 @@ def common(cifar_root, *extra, batch=4):
     # dropout on, so a resumed run must restore the global RNG it draws from
     return ["--dataset", "cifar10", "--root", str(cifar_root), *TINY, "--batch-size",
             str(batch), "--use-ema", "--ema-decay", "0.9", "--drop-rate", "0.1",
-            "--num-save-images", "0", *extra]
+            "--num-save-images", "0", "--precision", "fp32", *extra]
 
 
 def same_training_state(a, b):

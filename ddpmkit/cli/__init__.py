@@ -9,12 +9,12 @@ errors answer at once, and torch is imported inside the functions that do the wo
 
 import argparse
 import importlib
-import logging
 import re
 import sys
 from typing import Callable, List, Optional
 
 from ddpmkit.errors import UserError, cause_of_type, user_message
+from ddpmkit.runtime.logs import setup_logging  # noqa: F401  (the commands' entry points use it)
 
 # subcommand name -> (module under ddpmkit.cli, what it does)
 SUBCOMMANDS = {
@@ -119,7 +119,7 @@ def weights_choice(args) -> Optional[bool]:
 def run_guarded(fn: Callable[[], Optional[int]]) -> int:
     """Run a command body; a UserError or Ctrl-C becomes a one-line message and exit status 2
     or 130, not a traceback. (Training and generation stop gracefully on the first SIGINT or
-    SIGTERM themselves: see `ddpmkit.training.preemption`.)"""
+    SIGTERM themselves: see `ddpmkit.runtime.stops`.)"""
     try:
         code = fn()
     except UserError as exc:
@@ -134,15 +134,6 @@ def run_guarded(fn: Callable[[], Optional[int]]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
-
-
-def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """Plain `logging` to stderr; called by each command's entry point, never by library code.
-    `quiet` (processes other than rank 0) shows warnings and errors only."""
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(level)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

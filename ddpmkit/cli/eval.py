@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+from ddpmkit.choices import CONFIG_DATASETS
 from ddpmkit.cli import (
     CLIParser,
     add_weights_flags,
@@ -28,7 +29,6 @@ from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("mnist", "cifar10", "celeba", "celebahq", "folder")  # folder: --root is it
 METRIC_CHOICES = ("fid", "pr", "kid", "is", "bpd")
 METRICS_FILE = "metrics.jsonl"
 # what each result key is called when printed
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ddpmkit eval",
         description="Evaluate generated images: FID, precision/recall, KID, Inception Score.")
     p.add_argument("--root", default="~/datasets", help="root directory of datasets")
-    p.add_argument("--dataset", choices=DATASETS, default="cifar10",
+    p.add_argument("--dataset", choices=CONFIG_DATASETS, default="cifar10",
                    help="reference dataset (also the default sample folder name)")
     p.add_argument("--ref-split", default="train",
                    help="split of --dataset used as the reference set")
@@ -156,7 +156,7 @@ def _check_counts(args: argparse.Namespace, metrics: list[str], num_samples: int
 
 def devices_of(args: argparse.Namespace):
     """(Inception device, distance/kernel device): --model-device / --eval-device, else --device."""
-    from ddpmkit.devices import resolve_device
+    from ddpmkit.runtime.devices import resolve_device
 
     return (resolve_device(args.model_device or args.device),
             resolve_device(args.eval_device or args.device))
@@ -221,21 +221,15 @@ def bits_per_dim(args: argparse.Namespace, device, progress: bool) -> dict:
     from torch.utils.data import DataLoader, Subset
 
     from ddpmkit.build import build_diffusion
-    from ddpmkit.config import find_config_file, load_json
+    from ddpmkit.config import architecture_config
     from ddpmkit.data.images import FolderOptions, build_dataset
+    from ddpmkit.interop.sources import load_model_from_checkpoint
     from ddpmkit.metrics.bpd import dataset_bpd
     from ddpmkit.metrics.folder import choose_subset
-    from ddpmkit.models.loading import load_model_from_checkpoint
 
     if not args.chkpt_path:
         raise UserError("--metrics bpd needs --chkpt-path FILE (the model to evaluate)")
-    fallback = None
-    if args.config_path or args.dataset:
-        try:
-            fallback = load_json(find_config_file(args.dataset, args.config_path))
-        except UserError:
-            if args.config_path:
-                raise
+    fallback = architecture_config(args.dataset, args.config_path, required=False)
     use_ema = weights_choice(args)
     model, config = load_model_from_checkpoint(args.chkpt_path, fallback, use_ema, device,
                                                group_norm_eps=args.group_norm_eps)

@@ -33,6 +33,7 @@ from datetime import timedelta
 from typing import Any
 
 from ddpmkit.choices import (
+    ANIMATION_FORMATS,
     DDIM_EPS_SOURCES,
     DDIM_STEP_TARGETS,
     IMAGE_DATASETS,
@@ -48,7 +49,7 @@ from ddpmkit.cli import (
     setup_logging,
     weights_choice,
 )
-from ddpmkit.config import find_config_file, load_json, parse_with_explicit
+from ddpmkit.config import architecture_config, parse_with_explicit
 from ddpmkit.errors import UserError, signal_name
 
 # torch and the sampling code are imported inside the functions that use them, so that
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 DEFAULT_DATASET = "cifar10"
 # Steps when --steps / --subseq-size is not given (DDIM: the reference's --subseq-size default).
 DEFAULT_STEPS = {"ddim": 50, "dpm-solver++": 20}
-ANIMATION_FORMATS = ("webp", "gif")
 # Frames kept in an animation at most (DDPM has 1000 steps; a few seconds of video is enough).
 MAX_ANIMATION_FRAMES = 100
 # Long enough for the slowest process to finish its share after a resume, however uneven.
@@ -188,8 +188,8 @@ def checkpoint_path(args: argparse.Namespace) -> str:
     else <chkpt-dir>/ddpm_<dataset>.pt (the reference's name), else the
     <chkpt-dir>/ddpm_<dataset>_*.pt holding the highest training step (what `ddpmkit train`
     writes)."""
+    from ddpmkit.checkpoints.files import CheckpointFiles, newest_file
     from ddpmkit.interop.sources import resolve_checkpoint
-    from ddpmkit.training.checkpoint import CheckpointFiles, newest_file
 
     if args.chkpt_path:
         return resolve_checkpoint(args.chkpt_path)
@@ -210,24 +210,7 @@ def fallback_config(args: argparse.Namespace, typed: set[str]) -> dict[str, Any]
     if "dataset" not in typed and not args.config_path:
         log.info("the checkpoint has no config: assuming the %s architecture "
                  "(pass --dataset or --config-path otherwise)", args.dataset)
-    path = find_config_file(args.dataset, args.config_path or None,
-                            os.path.expanduser(args.config_dir))
-    return load_json(path)
-
-
-def rank_device(spec: str, env) -> "torch.device":  # noqa: F821 (torch is imported inside)
-    """One process: --device as given. Several: each takes cuda:LOCAL_RANK (any CUDA --device is
-    read as "use the GPUs"), or CPU."""
-    import torch
-
-    from ddpmkit.devices import resolve_device
-
-    if env.world_size == 1:
-        return resolve_device(spec)
-    spec = (spec or "auto").strip()
-    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return resolve_device(f"cuda:{env.local_rank}")
+    return architecture_config(args.dataset, args.config_path, args.config_dir)
 
 
 def class_guidance(args: argparse.Namespace, model, config: dict[str, Any], net, diffusion):
@@ -328,7 +311,6 @@ def run_process(args: argparse.Namespace, typed: set[str], env,
     import torch
 
     from ddpmkit.build import build_diffusion
-    from ddpmkit.devices import resolve_precision
     from ddpmkit.generation import (
         check_manifest,
         existing_samples,
@@ -337,10 +319,12 @@ def run_process(args: argparse.Namespace, typed: set[str], env,
         write_labels_file,
     )
     from ddpmkit.models.loading import image_shape
+    from ddpmkit.runtime.devices import resolve_precision
+    from ddpmkit.runtime.distributed import process_device
     from ddpmkit.utils.io import check_writable_folder
 
     check_writable_folder(args.save_dir, "--save-dir")
-    device = rank_device(args.device, env)
+    device = process_device(args.device, env)
     model, config, path, weights = _load_model(args, typed, device)
     dataset = (config.get("dataset") or {}).get("name") or args.dataset
     diffusion = build_diffusion(config.get("diffusion") or {})
@@ -447,7 +431,7 @@ def _class_rows(folder: str) -> int:
 def _process(args: argparse.Namespace, typed: set[str], env) -> dict[str, Any]:
     """This process's share, ended after the current batch by a SIGTERM or Ctrl-C (a second
     Ctrl-C aborts at once; finished files are whole, and a rerun makes the rest)."""
-    from ddpmkit.training.preemption import StopFlag
+    from ddpmkit.runtime.stops import StopFlag
 
     with StopFlag(announce=env.is_main) as stop:
         result = run_process(args, typed, env, should_stop=lambda: stop.signum is not None)
@@ -460,9 +444,10 @@ def _spawned_share(args: argparse.Namespace, typed: set[str], world: int) -> dic
     import torch
 
     from ddpmkit.generation import dist_env_from_environ
+    from ddpmkit.runtime.distributed import process_device
 
     env = dist_env_from_environ()
-    if rank_device(args.device, env).type == "cpu":
+    if process_device(args.device, env).type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     return _process(args, typed, env)
 
@@ -472,7 +457,7 @@ def _conclude(args: argparse.Namespace, dataset: str, written: int, seconds: flo
     """The summary (main process): the grid and totals, or how to finish a stopped run."""
     if signum:
         from ddpmkit.generation import count_samples
-        from ddpmkit.training.preemption import exit_code
+        from ddpmkit.runtime.stops import exit_code
 
         folder = output_paths(args, dataset)["folder"]
         print(f"stopped by {signal_name(signum)}: {count_samples(folder, args.total_size)} of "
@@ -483,7 +468,7 @@ def _conclude(args: argparse.Namespace, dataset: str, written: int, seconds: flo
 
 
 def _spawn(args: argparse.Namespace, typed: set[str]) -> int:
-    from ddpmkit.training.distributed import check_spawn_devices, spawn
+    from ddpmkit.runtime.distributed import check_spawn_devices, spawn
 
     check_spawn_devices(args.num_gpus, args.device, "--device")
     checkpoint_path(args)  # fail here, once, rather than in every process
@@ -497,6 +482,8 @@ def _spawn(args: argparse.Namespace, typed: set[str]) -> int:
 def _torchrun(args: argparse.Namespace, typed: set[str], env) -> int:
     import torch
     import torch.distributed as dist
+
+    from ddpmkit.runtime.stops import exit_code
 
     if args.num_gpus > 1:
         raise UserError("--num-gpus spawns processes itself; under torchrun leave it at 1 and "
@@ -514,7 +501,7 @@ def _torchrun(args: argparse.Namespace, typed: set[str], env) -> int:
         if env.is_main:
             return _conclude(args, result["dataset"], int(totals[0]),
                              time.perf_counter() - start, int(totals[1]) or None)
-        return 128 + int(totals[1]) if int(totals[1]) else 0  # 128 + signal, as exit_code
+        return exit_code(int(totals[1])) if int(totals[1]) else 0
     finally:
         dist.destroy_process_group()
 

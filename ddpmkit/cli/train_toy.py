@@ -18,7 +18,7 @@ import math
 import sys
 from typing import Any
 
-from ddpmkit.choices import BETA_SCHEDULES, TOY_DATASETS
+from ddpmkit.choices import ANIMATION_FORMATS, BETA_SCHEDULES, TOY_DATASETS
 from ddpmkit.cli import CLIParser, add_objective_flags
 from ddpmkit.config import parse_with_explicit
 from ddpmkit.errors import UserError
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps for ddim / dpm-solver++ (ddim: T, dpm-solver++: 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--animation-format", choices=("gif", "webp", "none"), default="gif",
+    p.add_argument("--animation-format", choices=(*ANIMATION_FORMATS, "none"), default="gif",
                    help="format of the animation of the evaluation plots")
     p.add_argument("--class-cond", action="store_true",
                    help="class-conditional on the mixture's mode index (gaussian8, gaussian25), "

@@ -123,8 +123,8 @@ def _read_weights_file(path: str) -> dict[str, torch.Tensor]:
         from ddpmkit.interop.safetensors_format import read_tensors
 
         return read_tensors(path)[0]
+    from ddpmkit.checkpoints.files import load_checkpoint
     from ddpmkit.models.loading import is_state_dict
-    from ddpmkit.training.checkpoint import load_checkpoint
 
     state_dict = load_checkpoint(path, map_location="cpu")
     if not is_state_dict(state_dict):

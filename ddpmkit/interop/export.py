@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ddpmkit.errors import UserError
+from ddpmkit.utils.io import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,6 @@ def check_output(out: str, fmt: str, overwrite: bool) -> None:
                         "another output path")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
@@ -75,7 +70,7 @@ def write_folder_atomically(out: str, write: Callable[[str], None]) -> None:
     old = None
     try:
         write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only
         if os.path.lexists(out):
             old = tmp + ".old"
             os.rename(out, old)

@@ -8,7 +8,8 @@ scalar is the only non-tensor object allowed):
   `optimizer`, `scheduler`, `epoch`, `loss`, `fid`; no config, so the architecture comes from
   `--dataset` / `--config-path` (a shipped `configs/<dataset>.json`).
 - bare state dicts (the reference's released `cifar10_2040.pt`).
-- through `ddpmkit.interop.sources`: .safetensors files, diffusers folders and Hub ids.
+- through `ddpmkit.interop.sources` (which loads any of them by path): .safetensors files,
+  diffusers folders and Hub ids.
 Key prefixes `module.` (DDP), `_model.` (the reference's pixel-shuffle wrapper) and
 `_orig_mod.` (torch.compile) are stripped.
 """
@@ -239,17 +240,3 @@ def model_from_checkpoint_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any
     load_weights(model, state_dict, f"{source} ({entry})")
     log.info(describe_weights(entry, source))
     return model.to(device).eval(), config
-
-
-def load_model_from_checkpoint(path: str, config: Mapping[str, Any] | None = None,
-                               use_ema: bool | None = None, device: Any = "cpu",
-                               group_norm_eps: float | None = None):
-    """(model in eval mode on `device`, resolved config) from a checkpoint file of ddpmkit or the
-    reference project, a .safetensors file, a diffusers folder or a Hub id (see
-    `ddpmkit.interop.sources`). `config` supplies the architecture when the file has none;
-    `use_ema` and `group_norm_eps` as in `model_from_checkpoint_dict`."""
-    from ddpmkit.interop.sources import load_checkpoint_any, resolve_checkpoint
-
-    ckpt = load_checkpoint_any(resolve_checkpoint(path))
-    return model_from_checkpoint_dict(ckpt, config, use_ema, device, source=repr(path),
-                                      group_norm_eps=group_norm_eps)

@@ -22,12 +22,13 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.data import DistributedSampler
 
+from ddpmkit import schema
 from ddpmkit.build import build_diffusion
-from ddpmkit.devices import compile_mode, compile_module, resolve_device, resolve_precision
 from ddpmkit.errors import UserError, signal_name
+from ddpmkit.runtime import distributed as dist_utils
+from ddpmkit.runtime.devices import compile_mode, compile_module, resolve_precision
+from ddpmkit.runtime.stops import StopFlag, exit_code
 from ddpmkit.schema import size_hw
-from ddpmkit.training import distributed as dist_utils
-from ddpmkit.training.preemption import StopFlag, exit_code
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.trainer import Callback, Trainer
 
@@ -365,14 +366,13 @@ def _build_model(config: Dict[str, Any], info, device):
 
 def _callbacks(config, options, diffusion, device, folder: RunFolder,
                loader) -> List[Callback]:
-    tr, ds, ev = config["train"], config["dataset"], config.get("eval", {})
+    tr, ds, ev = config["train"], config["dataset"], schema.section_with_defaults(config, "eval")
     shape = (ds["channels"], *size_hw(ds["resolution"]))
     grid = SampleGrid(diffusion, shape, run_dirs(config)["images"], every=int(tr["image_intv"]),
                       num=int(tr["num_samples"]), seed=int(tr["seed"]) + GRID_SEED_OFFSET,
-                      sampler_name="ddim" if ev.get("use_ddim") else "ddpm",
+                      sampler_name="ddim" if ev["use_ddim"] else "ddpm",
                       steps=int(ev.get("subseq_size") or 0) or None,
-                      skip_schedule=ev.get("skip_schedule", "linear"),
-                      guidance_scale=float(ev.get("guidance_scale", 1.0)))
+                      skip_schedule=ev["skip_schedule"], guidance_scale=float(ev["guidance_scale"]))
     callbacks: List[Callback] = [folder, grid]
     if ds["name"] == "folder":
         callbacks.append(ImageListFile(folder.folder, [str(f) for f in loader.dataset.files]))
@@ -421,7 +421,7 @@ def train_worker(config: Dict[str, Any], options: Dict[str, Any]) -> int:
     """One training process (of one, of torchrun's, or of the spawned ones); returns the exit
     status (0, or 128 + the signal that stopped it)."""
     info = dist_utils.env_dist_info()
-    device = dist_utils.process_device(resolve_device(options.get("train_device", "auto")), info)
+    device = dist_utils.process_device(options.get("train_device", "auto"), info)
     with StopFlag(announce=info.is_main) as stop:
         dist_utils.init_process_group(info, device)
         try:

@@ -22,14 +22,14 @@ import os
 import re
 from typing import Any
 
-from ddpmkit.config import dump_json
-from ddpmkit.errors import UserError
-from ddpmkit.training.checkpoint import (
+from ddpmkit.checkpoints.files import (
     CheckpointFiles,
     ResumePoint,
     load_checkpoint,
     newest_checkpoint,
 )
+from ddpmkit.config import dump_json
+from ddpmkit.errors import UserError
 from ddpmkit.training.trainer import Callback, Trainer
 from ddpmkit.utils.io import check_writable_folder
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from ddpmkit.checkpoints.files import load_checkpoint
 from ddpmkit.data.toy import (
     TensorBatches,
     make_labeled_toy_data,
@@ -32,8 +33,7 @@ from ddpmkit.data.toy import (
     toy_mixture,
 )
 from ddpmkit.errors import UserError, signal_name
-from ddpmkit.training.checkpoint import load_checkpoint
-from ddpmkit.training.preemption import StopFlag, exit_code
+from ddpmkit.runtime.stops import StopFlag, exit_code
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.trainer import Callback, Trainer
 
@@ -270,14 +270,14 @@ def check_resume_config(saved: dict[str, Any], c: dict[str, Any], path: str) -> 
 
 
 def write_animation(image_dir: str, fmt: str) -> str | None:
-    from ddpmkit.utils.plots import save_animation
+    from ddpmkit.utils.images import PLOT_FRAMES, save_animation
 
     frames = sorted(glob.glob(os.path.join(image_dir, "epoch_*.png")))
     if fmt == "none" or not frames:
         return None
     path = os.path.join(image_dir, f"train.{fmt}")
     try:
-        save_animation(path, frames)
+        save_animation(path, frames, PLOT_FRAMES)
     except (ValueError, OSError) as exc:
         raise UserError(f"could not write the animation {path}: {exc}") from exc
     return path
@@ -342,7 +342,7 @@ def _build_trainer(c: dict[str, Any], device, folder: RunFolder, callback: ToyEv
 def train_toy(c: dict[str, Any], report: Callable[[str], None] = logger.info) -> int:
     """Train, evaluate and plot a toy model as `ddpmkit train-toy` does; returns the exit
     status (0, or 128 + the signal that stopped it)."""
-    from ddpmkit.devices import resolve_device
+    from ddpmkit.runtime.devices import resolve_device
 
     t_start = time.perf_counter()
     device = resolve_device(c["device"])

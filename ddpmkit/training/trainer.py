@@ -42,16 +42,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ddpmkit.choices import LR_DECAYS, OPTIMIZERS
-from ddpmkit.errors import UserError
-from ddpmkit.training.checkpoint import (
+from ddpmkit.checkpoints.files import (
     CheckpointFiles,
     get_rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from ddpmkit.choices import LR_DECAYS, OPTIMIZERS
+from ddpmkit.errors import UserError
+from ddpmkit.runtime.stops import RunControl, StopFlag
 from ddpmkit.training.ema import EMA
-from ddpmkit.training.preemption import RunControl, StopFlag
 from ddpmkit.training.runlog import RunLog
 
 logger = logging.getLogger(__name__)
@@ -712,7 +712,7 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         """Load a checkpoint file and continue from it."""
-        from ddpmkit.training.checkpoint import load_checkpoint
+        from ddpmkit.checkpoints.files import load_checkpoint
 
         self.load_state_dict(load_checkpoint(path, map_location="cpu"))
         self.last_checkpoint = path

@@ -41,7 +41,8 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it, then restoring it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -94,7 +95,7 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None],
         raise write_error(path, exc) from exc
     try:
         # mkstemp makes the file owner-only; give it the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             if durable:
