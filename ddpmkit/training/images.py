@@ -23,7 +23,13 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ddpmkit.build import build_diffusion
-from ddpmkit.devices import compile_mode, compile_module, resolve_device, resolve_precision
+from ddpmkit.devices import (
+    autocast_dtype,
+    compile_mode,
+    compile_module,
+    resolve_device,
+    resolve_precision,
+)
 from ddpmkit.errors import UserError, signal_name
 from ddpmkit.training import distributed as dist_utils
 from ddpmkit.training.preemption import StopFlag, exit_code
@@ -339,7 +345,7 @@ def _build_trainer(config, options, info, device, loader, micro, diffusion, mode
         callbacks=_callbacks(config, options, diffusion, device, folder), config=config,
         is_main=info.is_main, rank=info.rank, world_size=info.world_size,
         control_group=dist_utils.control_group(), stop=stop,
-        amp_dtype=torch.bfloat16 if tr.get("precision") == "bf16" else None,
+        amp_dtype=autocast_dtype(tr.get("precision") or "fp32"),
         throughput_key="img_per_s", random_flip=bool(config["dataset"]["random_flip"]),
         global_batch=int(tr["batch_size"]), micro_batch=micro,
         channels_last=bool(tr.get("channels_last")),
