@@ -206,3 +206,74 @@ def test_train_fp16_records_fp16_and_the_scaler_and_resumes_exactly(tmp_path):
     log = [json.loads(line) for line in
            (tmp_path / "chkpts" / "straight" / "log.jsonl").read_text().splitlines()]
     assert {"loss_scale", "skipped_steps"} <= set(log[-1])
+
+
+# ---- the network under fp16 autocast -----------------------------------------------------------
+def _unet_errors(config, seed=0):
+    """Max |output - float64 output| of the UNet (weights randomized to O(1) activations)
+    under fp16 and bf16 autocast on the CPU, and the float64 output's max |value|."""
+    from helpers import randomize_
+
+    from ddpmkit.models.loading import build_from_config
+
+    model, _ = build_from_config(config)
+    model = randomize_(model.eval(), seed=seed).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    res, ch = config["dataset"]["resolution"], config["dataset"]["channels"]
+    x = torch.randn(2, ch, res, res, generator=g)
+    t = torch.tensor([10, config["diffusion"]["timesteps"] - 1])
+    with torch.no_grad():
+        ref = model(x.double(), t).float()
+        model.float()
+        errors = {}
+        for dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast("cpu", dtype=dtype):
+                out = model(x, t)
+            assert out.dtype == dtype and out.isfinite().all()
+            errors[dtype] = float((out.float() - ref).abs().max())
+    return errors, float(ref.abs().max())
+
+
+@pytest.mark.parametrize("name", ["tiny", pytest.param("cifar10", marks=pytest.mark.slow)])
+def test_unet_under_fp16_autocast_stays_close_to_fp32(name):
+    """No layer needs an upcast for fp16: GroupNorm's kernels accumulate the statistics in
+    float32 (see the next test), attention's softmax runs in float32 inside
+    scaled_dot_product_attention, and the timestep embedding is computed in float32 before
+    autocast reaches a layer. Measured on the CIFAR-10 UNet (35.7M parameters, batch 2,
+    t = 10 and 999): max error 3.0e-3 in fp16 and 2.6e-2 in bf16, on outputs up to 2.9."""
+    from helpers import tiny_config
+
+    from ddpmkit.config import find_config_file, load_json
+
+    config = tiny_config() if name == "tiny" else load_json(find_config_file(name))
+    config["dataset"].setdefault("channels", 3)
+    errors, scale = _unet_errors(config)
+    assert errors[torch.float16] < 4e-3 * scale
+    # fp16 keeps 3 more mantissa bits than bf16: its error is several times smaller
+    assert errors[torch.float16] * 3 < errors[torch.bfloat16]
+
+
+def test_fp16_groupnorm_attention_and_time_embedding_do_not_overflow():
+    import torch.nn.functional as F
+
+    from ddpmkit.models.layers import AttnBlock, GroupNorm, timestep_embedding
+
+    g = torch.Generator().manual_seed(0)
+    # activations whose squares (up to ~1e6) are past fp16's largest value, 65504
+    x = torch.randn(2, 64, 8, 8, generator=g) * 300 + 200
+    norm = GroupNorm(8, 64)
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = norm(x.half())
+    assert half.dtype == torch.float16
+    assert (half.float() - F.group_norm(x, 8, eps=1e-5)).abs().max() < 1e-2
+    # attention logits q.k/sqrt(C) in the thousands (q.k itself up to ~5.5e4, near fp16's top)
+    q, k, v = (torch.randn(1, 1, 64, 256, generator=g) * 30 for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    out = F.scaled_dot_product_attention(q.half(), k.half(), v.half())
+    assert out.isfinite().all() and (out.double() - ref).abs().max() < 0.1 * 30
+    block = AttnBlock(64, num_groups=8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert block(x).isfinite().all()
+        emb = timestep_embedding(torch.tensor([999]), 128)
+    # float32: in fp16, t * w_k at t = 999 would be off by up to ~0.5 rad
+    assert emb.dtype == torch.float32
