@@ -72,10 +72,22 @@ def test_a_skipped_update_leaves_weights_and_optimizer_untouched_and_is_counted(
     # the skipped update's inf loss stays out of the logged mean: no NaN stop; an interval
     # with only that update has no loss
     assert [r["loss"] for r in records if r["step"] == 3] == [None]
+    assert [r["grad_norm"] for r in records if r["step"] == 3] == [None]  # inf: JSON null
     assert all(r["loss"] < 10 for r in records if r["step"] < 3)
     t.fit(max_steps=4)  # the next update applies again
     assert t.skipped_steps == 1 and not torch.equal(t.model.state_dict()["out_fc.bias"],
                                                     before["out_fc.bias"])
+
+
+def test_a_skipped_first_update_warns_nothing(tmp_path):
+    import warnings
+
+    t = _fp16_trainer(tmp_path, inf_steps={0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "lr_scheduler.step() before optimizer.step()"
+        t.fit(max_steps=2)
+    assert t.skipped_steps == 1 and t.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert not any("lr_scheduler" in str(f) for f in warnings.filters)  # none left behind
 
 
 def test_the_scale_grows_after_clean_updates(tmp_path):

@@ -417,10 +417,13 @@ class Trainer:
             for detached in losses:
                 self._loss_sum += detached
             self._loss_count += len(losses)
-        with warnings.catch_warnings():
-            # torch warns when the first optimizer step was skipped; the schedule is by update
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step")
             self.scheduler.step()
+        else:
+            with warnings.catch_warnings():
+                # torch warns when the first optimizer step was skipped; the schedule is by
+                # update, skipped or not
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step")
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(unwrap(self.model))
@@ -501,7 +504,8 @@ class Trainer:
             self.throughput_key: self._items * self.world_size / elapsed,
         }
         if self._grad_norm is not None:
-            record["grad_norm"] = float(self._grad_norm)
+            norm = float(self._grad_norm)  # inf/NaN on a skipped fp16 update: JSON null
+            record["grad_norm"] = norm if math.isfinite(norm) else None
         if self.scaler.is_enabled():
             record["loss_scale"] = self.scaler.get_scale()
             record["skipped_steps"] = self.skipped_steps
