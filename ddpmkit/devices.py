@@ -125,7 +125,7 @@ def resolve_precision(requested: Optional[str], device: torch.device) -> Precisi
                        "--precision auto picks fp32 here", cpu_capability(), EMULATED_BF16)
     if requested == "fp16" and device.type == "cpu":
         logger.warning("--precision fp16 on a CPU (%s): fp16 is slower than fp32 on CPUs "
-                       "(sampling 0.7x, training 30-90x slower: convolution backward has no "
+                       "(sampling 0.7x, training 36-90x slower: convolution backward has no "
                        "fast fp16 CPU kernel); --precision auto picks %s here",
                        cpu_capability(), "bf16" if native else "fp32")
     return Precision(requested, f"as asked ({where})")
