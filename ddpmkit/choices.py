@@ -36,7 +36,7 @@ RESIZE_MODES = ("center-crop", "resize", "pad")
 # training and speed (ddpmkit.training, ddpmkit.runtime.devices)
 LR_DECAYS = ("none", "cosine", "linear")
 OPTIMIZERS = ("adam", "adamw")
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where it is native (devices.resolve_precision)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: devices.resolve_precision
 # torch.compile modes (`--compile MODE`). reduce-overhead adds CUDA graphs (fewer kernel
 # launches); the max-autotune modes also benchmark kernel choices, so they compile longer.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

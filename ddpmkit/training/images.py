@@ -26,7 +26,7 @@ from ddpmkit import schema
 from ddpmkit.build import build_diffusion
 from ddpmkit.errors import UserError, signal_name
 from ddpmkit.runtime import distributed as dist_utils
-from ddpmkit.runtime.devices import compile_mode, compile_module, resolve_precision
+from ddpmkit.runtime.devices import autocast_dtype, compile_mode, compile_module, resolve_precision
 from ddpmkit.runtime.stops import StopFlag, exit_code
 from ddpmkit.schema import size_hw
 from ddpmkit.training.run_folder import RunFolder
@@ -410,7 +410,7 @@ def _build_trainer(config, options, info, device, loader, micro, diffusion, mode
         config=config,
         is_main=info.is_main, rank=info.rank, world_size=info.world_size,
         control_group=dist_utils.control_group(), stop=stop,
-        amp_dtype=torch.bfloat16 if tr.get("precision") == "bf16" else None,
+        amp_dtype=autocast_dtype(tr.get("precision") or "fp32"),
         throughput_key="img_per_s", random_flip=bool(config["dataset"]["random_flip"]),
         global_batch=int(tr["batch_size"]), micro_batch=micro,
         channels_last=bool(tr.get("channels_last")),
