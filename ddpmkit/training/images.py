@@ -232,20 +232,10 @@ def prepare_run(config: Dict[str, Any], options: Dict[str, Any]) -> RunFolder:
         # The first attempt died before it replaced the old run: replace it now.
         folder.check_new_run(overwrite=True)
         return folder
-    if options.get("resume") or options.get("auto_resume") or restarted:
-        point = folder.resume_point(options.get("chkpt_path"))
-        if point is None and options.get("resume"):
-            raise UserError(f"--resume: no checkpoint found in {dirs['chkpt']}; pass "
-                            "--chkpt-path FILE, or --auto-resume to start fresh when there is "
-                            "none")
-        if point is None:
-            logger.warning("no checkpoint of this run yet in %s: starting from step 0",
-                           dirs["chkpt"])
-            folder.check_new_run(overwrite=True)
-        else:
-            _check_same_architecture(point.state, config, point.path)
-    else:
-        folder.check_new_run(bool(options.get("overwrite")))
+    folder.prepare(bool(options.get("resume")), options.get("chkpt_path"),
+                   bool(options.get("overwrite")),
+                   lambda state, path: _check_same_architecture(state, config, path),
+                   auto_resume=bool(options.get("auto_resume")) or restarted)
     return folder
 
 
