@@ -81,3 +81,27 @@ def test_readme_quick_start_toy_run(tmp_path):
     output = proc.stdout + proc.stderr
     assert "modes" in output and "KL" in output
     assert list(tmp_path.glob("chkpts/*.pt")) and list(tmp_path.glob("images/train/*/*.png"))
+
+
+def test_readme_generate_finds_what_a_default_train_wrote(tmp_path, monkeypatch, one_thread):
+    """`ddpmkit train --dataset cifar10` then `ddpmkit generate --dataset cifar10 ...` (the
+    README's class-label example without a --chkpt-path) in the same folder: generate finds
+    the checkpoint train wrote under ./chkpts/cifar10/."""
+    from helpers import TINY, write_fake_cifar
+
+    from ddpmkit.cli.generate import main as generate_main
+    from ddpmkit.cli.train import main as train_main
+
+    write_fake_cifar(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    examples = [argv for module, argv in COMMANDS if module == "generate"
+                and "--chkpt-path" not in argv and argv[:2] == ["--dataset", "cifar10"]]
+    assert examples  # the README shows such a command
+    assert train_main(["--dataset", "cifar10", "--root", "data", *TINY, "--batch-size", "4",
+                       "--max-steps", "2", "--precision", "fp32"]) == 0
+    assert (tmp_path / "chkpts" / "cifar10").is_dir()
+    assert generate_main(["--dataset", "cifar10", "--total-size", "2", "--batch-size", "2",
+                          "--sampler", "ddim", "--steps", "2", "--precision", "fp32",
+                          "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "images" / "eval" / "cifar10").glob("*.png")) \
+        == ["000000.png", "000001.png"]

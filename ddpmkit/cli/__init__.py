@@ -10,6 +10,7 @@ errors answer at once, and torch is imported inside the functions that do the wo
 import argparse
 import importlib
 import logging
+import math
 import re
 import sys
 from typing import Callable, List, Optional
@@ -57,6 +58,14 @@ class CLIParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message} (see --help)")
+
+    def _get_value(self, action, arg_string):
+        # Every number a flag takes is finite: NaN passes every `<` / `>` range check.
+        value = super()._get_value(action, arg_string)
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = action.option_strings[0] if action.option_strings else action.dest
+            raise UserError(f"{flag} must be a finite number, got {arg_string}")
+        return value
 
 
 def add_speed_flags(group, what: str) -> None:

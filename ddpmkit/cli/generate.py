@@ -185,9 +185,9 @@ def check_args(args: argparse.Namespace, typed: set[str]) -> None:
 
 def checkpoint_path(args: argparse.Namespace) -> str:
     """--chkpt-path (a file, a diffusers folder, or a Hub id: see ddpmkit.interop.sources);
-    else <chkpt-dir>/ddpm_<dataset>.pt (the reference's name), else the
-    <chkpt-dir>/ddpm_<dataset>_*.pt holding the highest training step (what `ddpmkit train`
-    writes)."""
+    else <chkpt-dir>/ddpm_<dataset>.pt (the reference's name), else the checkpoint holding the
+    highest training step among <chkpt-dir>/<dataset>/ddpm_<dataset>_*.pt (what a default
+    `ddpmkit train` writes) and <chkpt-dir>/ddpm_<dataset>_*.pt."""
     from ddpmkit.interop.sources import resolve_checkpoint
     from ddpmkit.training.checkpoint import CheckpointFiles, newest_file
 
@@ -197,11 +197,14 @@ def checkpoint_path(args: argparse.Namespace) -> str:
     path = os.path.join(folder, f"ddpm_{args.dataset}.pt")
     if os.path.isfile(path):
         return path
-    latest = newest_file(CheckpointFiles(folder, f"ddpm_{args.dataset}").all())
+    prefix = f"ddpm_{args.dataset}"
+    run_folder = os.path.join(folder, args.dataset)
+    latest = newest_file(CheckpointFiles(run_folder, prefix).all()
+                         + CheckpointFiles(folder, prefix).all())
     if latest is None:
-        raise UserError(f"checkpoint {path!r} does not exist (nor ddpm_{args.dataset}_*.pt "
-                        f"there); pass --chkpt-path FILE")
-    log.info("using the newest checkpoint %s", latest)
+        raise UserError(f"no checkpoint found: neither {path} nor {prefix}_*.pt in "
+                        f"{run_folder} or {folder}; pass --chkpt-path FILE")
+    log.info("using the checkpoint with the highest step, %s", latest)
     return latest
 
 
