@@ -349,7 +349,7 @@ def test_eval_per_class_errors(tmp_path, capsys, extra, needle):
 def test_train_class_flags_without_class_cond(tmp_path, capsys, flags):
     root = _image_folder(tmp_path / "data")
     code = _train(tmp_path, "--root", str(root), "--dry-run", *flags)
-    one_line_error(capsys, code, "apply to class-conditional runs: add --class-cond")
+    one_line_error(capsys, code, "applies to class-conditional runs: add --class-cond")
     assert not (tmp_path / "chkpts").exists() and not (tmp_path / "images").exists()
 
 

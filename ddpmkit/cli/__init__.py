@@ -28,7 +28,8 @@ SUBCOMMANDS = {
 
 USAGE = ("usage: ddpmkit {" + ",".join(SUBCOMMANDS) + "} [flags]\n\n"
          + "\n".join(f"  {name:<10} {what}" for name, (_, what) in SUBCOMMANDS.items())
-         + "\n\n`ddpmkit COMMAND --help` lists a command's flags and their defaults.")
+         + "\n\n`ddpmkit COMMAND --help` lists a command's flags and their defaults; "
+         + "`ddpmkit --version` prints the version.")
 
 # argparse reads "-1e-3" as an option, not a value: its test for negative numbers knows no
 # exponents. This one also accepts -1e-3, -2.5E+4, -.5e1.
@@ -141,6 +142,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from ddpmkit import __version__
+
+        print(f"ddpmkit {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"error: unknown subcommand {name!r}\n{USAGE}", file=sys.stderr)

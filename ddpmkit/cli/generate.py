@@ -280,7 +280,8 @@ def _load_model(args: argparse.Namespace, typed: set[str], device):
     use_ema = weights_choice(args)
     weights = choose_weights(ckpt, use_ema, repr(path))
     model, config = model_from_checkpoint_dict(ckpt, config, use_ema, device, repr(path),
-                                               group_norm_eps=args.group_norm_eps)
+                                               group_norm_eps=args.group_norm_eps,
+                                               action="sampling")
     dataset = (config.get("dataset") or {}).get("name") or args.dataset
     if has_config and "dataset" in typed and args.dataset != dataset:
         raise UserError(f"--dataset {args.dataset} but {path} was trained on {dataset}")
