@@ -134,10 +134,14 @@ def test_the_workspace_holds_what_the_rows_assume(workspace):
         assert expected in names, sorted(names)
 
 
-def test_overwrite_replaces_an_export_of_ddpmkit(workspace, monkeypatch, capsys):
-    """The counterpart of the refusals: an earlier export holding nothing else is replaced."""
+def test_overwrite_replaces_an_export_of_ddpmkit(workspace, monkeypatch, capsys, caplog):
+    """The counterpart of the refusals: an earlier export holding nothing else is replaced;
+    its files have the modes of the umask, and it says it is using (not sampling) weights."""
     monkeypatch.chdir(workspace)
+    caplog.set_level("INFO")
     assert ddpmkit_main(["export", "model.pt", "--format", "diffusers", "again"]) == 0
+    said = " | ".join(r.getMessage() for r in caplog.records)
+    assert "using the EMA weights" in said and "sampling" not in said
     marker = (workspace / "again" / ".ddpmkit-written.json").read_bytes()
     assert ddpmkit_main(["export", "model.pt", "--format", "diffusers", "again",
                          "--overwrite", "--no-ema"]) == 0
@@ -145,6 +149,13 @@ def test_overwrite_replaces_an_export_of_ddpmkit(workspace, monkeypatch, capsys)
     weights = workspace / "again" / "unet" / "diffusion_pytorch_model.safetensors"
     assert oct(weights.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     shutil.rmtree(workspace / "again")
+
+
+def test_version(capsys):
+    from ddpmkit import __version__
+
+    assert ddpmkit_main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"ddpmkit {__version__}"
 
 
 def _umask() -> int:
