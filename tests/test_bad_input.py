@@ -58,6 +58,7 @@ def workspace(tmp_path_factory):
         (ws / "exported" / "mine.txt").write_text("the user's notes")
         (ws / "mine").mkdir()
         (ws / "mine" / "thesis.tex").write_text("months of work")
+        (ws / "mine" / "cifar10_x_grid.png").write_bytes(b"the user's picture")
         (ws / "notes.txt").write_text("not a model")
         (ws / "binary.json").write_bytes(bytes(range(256)))
     finally:
@@ -97,6 +98,7 @@ ROWS = [
     ([*TRAIN, "--chkpt-dir", "notes.txt", "--exp-name", "new"], "is a file, not a folder"),
     ([*GENERATE, "--save-dir", "/proc/x"], "--save-dir /proc/x"),
     ([*GENERATE, "--save-dir", "notes.txt/x"], "is a file, not a folder"),
+    ([*GENERATE, "--save-dir", "mine", "--suffix", "_x", "--grid"], "not a file ddpmkit wrote"),
     (["eval", "--dataset", "cifar10", "--sample-folder", "/proc/x/samples", "--metrics", "fid"],
      "/proc"),
     (["eval", "--dataset", "cifar10", "--sample-folder", "mine", "--metrics", "fid",
@@ -149,6 +151,17 @@ def test_overwrite_replaces_an_export_of_ddpmkit(workspace, monkeypatch, capsys,
     weights = workspace / "again" / "unet" / "diffusion_pytorch_model.safetensors"
     assert oct(weights.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     shutil.rmtree(workspace / "again")
+
+
+def test_a_rerun_of_generate_replaces_its_own_grid(workspace, monkeypatch):
+    monkeypatch.chdir(workspace)
+    argv = [*GENERATE, "--save-dir", "gen", "--grid", "--grid-size", "2"]
+    assert ddpmkit_main(argv) == 0
+    grid = workspace / "gen" / "cifar10_grid.png"
+    first = grid.read_bytes()
+    grid.write_bytes(b"stale")
+    assert ddpmkit_main(argv) == 0 and grid.read_bytes() == first
+    shutil.rmtree(workspace / "gen")
 
 
 def test_version(capsys):

@@ -264,6 +264,18 @@ def output_paths(args: argparse.Namespace, dataset: str) -> dict[str, str]:
 
 
 # ---- one process -------------------------------------------------------------------------
+def check_side_files(args: argparse.Namespace, paths: dict[str, str]) -> None:
+    """The grid and animation files beside the sample folder are replaced only when an earlier
+    run of this command wrote them: its sample folder holds the manifest."""
+    from ddpmkit.generation import MANIFEST_NAME
+    from ddpmkit.utils.io import check_replaceable_file
+
+    ours = os.path.isfile(os.path.join(paths["folder"], MANIFEST_NAME))
+    for flag, key in (("grid", "grid"), ("animate", "animation")):
+        if getattr(args, flag):
+            check_replaceable_file(paths[key], f"--{flag} output", lambda _: ours)
+
+
 def _load_model(args: argparse.Namespace, typed: set[str], device):
     """(model, config, checkpoint path, which weights) for this run: the checkpoint's own
     config, else --config-path / the dataset's; EMA weights when the file has them unless
@@ -363,6 +375,7 @@ def run_process(args: argparse.Namespace, typed: set[str], env,
     if guidance is not None:  # only then: unconditional folders keep their manifests
         settings.update({"class_labels": list(guidance.labels.classes),
                          "labels": guidance.labels.rule, "guidance_scale": guidance.scale})
+    check_side_files(args, paths)
     check_manifest(paths["folder"], settings, write=env.is_main)
     if guidance is not None and env.is_main:
         count = max([args.total_size, *(i + 1 for i in existing_samples(paths["folder"]))])
