@@ -105,3 +105,36 @@ def test_readme_generate_finds_what_a_default_train_wrote(tmp_path, monkeypatch,
                           "--no-progress"]) == 0
     assert sorted(p.name for p in (tmp_path / "images" / "eval" / "cifar10").glob("*.png")) \
         == ["000000.png", "000001.png"]
+
+
+# The quick-start toy run takes minutes (tested as slow above); a download needs the network.
+_OFFLINE = [(m, a) for m, a in COMMANDS if m != "train_toy" and "--download" not in a]
+
+
+def test_readme_commands_in_an_empty_folder_end_cleanly(tmp_path, monkeypatch, capsys):
+    """Every README command, typed in an empty folder (no data, checkpoints or GPUs): exit 0 or
+    2 with one line saying what is missing, never a traceback, and nothing written."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/datasets, ~/photos: empty
+    for module, argv in _OFFLINE:
+        code = importlib.import_module(f"ddpmkit.cli.{module}").main(list(argv))
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err, (argv, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_readme_checkpoint_paths_are_where_train_writes():
+    """The checkpoints the README's generate / eval / export commands read are at the paths
+    `ddpmkit train` writes (<chkpt-dir>/<dataset>/ddpm_<dataset>_<epoch>.pt) or the reference's
+    (./chkpts/ddpm_<dataset>_<epoch>.pt)."""
+    ours = re.compile(r"^\./chkpts/(\w+)/ddpm_\1_\d+\.pt$")
+    reference = re.compile(r"^\./chkpts/ddpm_\w+_\d+\.pt$")
+    paths = [a[a.index("--chkpt-path") + 1] for _, a in COMMANDS if "--chkpt-path" in a]
+    paths += [a[0] for m, a in COMMANDS if m == "export"]
+    checked = [p for p in paths if p.endswith(".pt")]
+    assert len(checked) >= 5
+    for path in checked:
+        assert ours.match(path) or reference.match(path), path
