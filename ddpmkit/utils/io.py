@@ -87,7 +87,8 @@ def check_writable_folder(folder: str, what: str, free_bytes: int = 0) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:
-        cause = os.strerror(exc.errno) if exc.errno else str(exc)
+        cause = ("no permission" if exc.errno in (errno.EACCES, errno.EPERM)
+                 else os.strerror(exc.errno) if exc.errno else str(exc))
         raise UserError(f"{what} {folder}: cannot {action} ({cause}); choose another "
                         "path") from exc
     if free_bytes:
