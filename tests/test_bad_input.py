@@ -153,6 +153,17 @@ def test_overwrite_replaces_an_export_of_ddpmkit(workspace, monkeypatch, capsys,
     shutil.rmtree(workspace / "again")
 
 
+def test_export_into_the_empty_working_folder_is_refused(workspace, monkeypatch, capsys):
+    empty = workspace / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    code = ddpmkit_main(["export", "../model.pt", "--format", "diffusers", "."])
+    one_line_error(capsys, code, "working folder")
+    assert list(empty.iterdir()) == []
+    os.chdir(workspace)
+    empty.rmdir()
+
+
 def test_a_rerun_of_generate_replaces_its_own_grid(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
     argv = [*GENERATE, "--save-dir", "gen", "--grid", "--grid-size", "2"]

@@ -23,6 +23,7 @@ from typing import Any
 
 from ddpmkit.errors import UserError
 from ddpmkit.utils.io import (
+    check_not_protected,
     check_replaceable_file,
     check_replaceable_folder,
     check_writable_folder,
@@ -64,8 +65,10 @@ def check_output(out: str, fmt: str, overwrite: bool, inputs: tuple[str, ...] = 
         check_writable_folder(out, what)
     if not os.path.lexists(out):
         return
-    if fmt == "diffusers" and not os.path.islink(out) and not os.listdir(out):
-        return
+    if fmt == "diffusers":
+        check_not_protected(out, what, inputs)
+        if not os.listdir(out):
+            return
     if not overwrite:
         raise UserError(f"{out!r} already exists; pass --overwrite to replace it, or choose "
                         "another output path")

@@ -117,10 +117,10 @@ def _is_within(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def check_replaceable_folder(out: str, what: str, inputs: Sequence[str] = ()) -> None:
-    """Refuse (one line, nothing touched) to replace folder `out` unless this project wrote
-    it whole: its marker lists exactly the files it holds. The working folder, its parents,
-    the folder holding an input and an input itself are refused whatever they hold."""
+def check_not_protected(out: str, what: str, inputs: Sequence[str] = ()) -> None:
+    """Refuse an existing folder `out` that is never replaced, whatever it holds (even empty):
+    a symbolic link, the working folder or one of its parents, an input or a folder holding
+    one."""
     real = os.path.realpath(out)
     if os.path.islink(out):
         raise UserError(f"{what} {out} is a symbolic link; give the folder itself")
@@ -131,6 +131,13 @@ def check_replaceable_folder(out: str, what: str, inputs: Sequence[str] = ()) ->
         if path and os.path.lexists(path) and _is_within(os.path.realpath(path), real):
             raise UserError(f"{what} {out} holds the input {path}; it is never replaced: "
                             "choose a new folder")
+
+
+def check_replaceable_folder(out: str, what: str, inputs: Sequence[str] = ()) -> None:
+    """Refuse (one line, nothing touched) to replace folder `out` unless this project wrote
+    it whole: its marker lists exactly the files it holds; and never a protected folder
+    (`check_not_protected`)."""
+    check_not_protected(out, what, inputs)
     marker = os.path.join(out, OWNED_MARKER)
     try:
         with open(marker, encoding="utf-8") as f:
