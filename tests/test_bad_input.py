@@ -153,6 +153,21 @@ def test_overwrite_replaces_an_export_of_ddpmkit(workspace, monkeypatch, capsys,
     shutil.rmtree(workspace / "again")
 
 
+def test_too_little_space_for_one_checkpoint_is_one_line(workspace, monkeypatch, capsys):
+    import collections
+
+    import ddpmkit.utils.io as io_module
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(io_module.shutil, "disk_usage", lambda path: usage(2**30, 2**30, 2**10))
+    monkeypatch.chdir(workspace)
+    before = tree_hashes(workspace)
+    capsys.readouterr()
+    code = ddpmkit_main([*TRAIN, "--exp-name", "new"])
+    one_line_error(capsys, code, "checkpoint folder", "0 MiB free", "one checkpoint needs")
+    assert tree_hashes(workspace) == before
+
+
 def test_export_into_the_empty_working_folder_is_refused(workspace, monkeypatch, capsys):
     empty = workspace / "empty"
     empty.mkdir()
