@@ -96,6 +96,8 @@ ROWS = [
     ([*TRAIN, "--chkpt-dir", "/proc/x"], "/proc/x"),
     ([*TRAIN, "--image-dir", "/proc/x", "--exp-name", "new"], "/proc/x"),
     ([*TRAIN, "--chkpt-dir", "notes.txt", "--exp-name", "new"], "is a file, not a folder"),
+    ([*TRAIN, "--eval", "--precomputed-dir", "/proc/x", "--exp-name", "new"],
+     "--precomputed-dir /proc/x"),
     ([*GENERATE, "--save-dir", "/proc/x"], "--save-dir /proc/x"),
     ([*GENERATE, "--save-dir", "notes.txt/x"], "is a file, not a folder"),
     ([*GENERATE, "--save-dir", "mine", "--suffix", "_x", "--grid"], "not a file ddpmkit wrote"),

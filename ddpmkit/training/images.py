@@ -29,6 +29,7 @@ from ddpmkit.training import distributed as dist_utils
 from ddpmkit.training.preemption import StopFlag, exit_code
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.trainer import Callback, Trainer
+from ddpmkit.utils.io import check_writable_folder
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +250,10 @@ def prepare_run(config: Dict[str, Any], options: Dict[str, Any]) -> RunFolder:
     dirs = run_dirs(config)
     folder = RunFolder(dirs["chkpt"], config["run"]["chkpt_name"], config, dirs["images"])
     folder.preflight(checkpoint_bytes(config))
+    precomputed = os.path.expanduser(options.get("precomputed_dir") or "")
+    if (config.get("eval") or {}).get("enabled") and precomputed \
+            and not os.path.isdir(precomputed):  # FID's reference statistics are cached there
+        check_writable_folder(precomputed, "--precomputed-dir")
     restarted = _elastic_restart()
     if restarted and options.get("overwrite") and not folder.holds_config(config):
         # The first attempt died before it replaced the old run: replace it now.
