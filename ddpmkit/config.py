@@ -73,6 +73,8 @@ def load_json(path: str) -> Dict[str, Any]:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read config {path!r}: {exc}") from exc
+    except (UnicodeDecodeError, RecursionError) as exc:  # a binary file, absurd nesting
+        raise UserError(f"cannot read config {path!r}: not a UTF-8 JSON text file") from exc
     if not isinstance(data, dict):
         raise UserError(f"config {path!r} must hold a JSON object at the top level")
     return data

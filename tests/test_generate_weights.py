@@ -73,8 +73,12 @@ def test_generate_samples_the_ema_weights_by_default(files, layout, tmp_path, ca
                for r in caplog.records)
     _, ema, _ = _generate(files, "ema", tmp_path / "ema")  # the EMA state alone
     assert default == ema
+    caplog.clear()
     code, raw_flag, manifest = _generate(files, layout, tmp_path / "no_ema", "--no-ema")
     assert code == 0 and manifest["use_ema"] is False
+    said = [r.getMessage() for r in caplog.records if "raw weights" in r.getMessage()]
+    assert said and all("holds no EMA weights" not in m and "also holds EMA" in m
+                        for m in said), said
     _, raw, _ = _generate(files, "raw", tmp_path / "raw")
     assert raw_flag == raw and raw_flag != default
     _, explicit, _ = _generate(files, layout, tmp_path / "use_ema", "--use-ema")

@@ -96,6 +96,23 @@ def test_a_second_ctrl_c_aborts_at_once(monkeypatch, capsys):
     assert "aborted by a second SIGINT" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_ignores_the_terminals_ctrl_c(caplog):
+    """Ctrl-C reaches every process of the terminal's group, DataLoader workers included:
+    only the process that installed the flag records and announces it (once)."""
+    with StopFlag() as stop:
+        pid = os.fork()
+        if pid == 0:  # the "worker": its inherited handler must do nothing
+            os.kill(os.getpid(), signal.SIGINT)
+            os._exit(0 if stop.signum is None else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert stop.signum is None
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+    assert [r.getMessage()[:15] for r in caplog.records] == ["SIGINT received"]
+
+
 def test_a_stop_during_epoch_end_work_stops_before_the_next_update(tmp_path):
     from ddpmkit.data.toy import TensorBatches, make_toy_data, toy_generator
     from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule

@@ -195,9 +195,9 @@ def check_args(args: argparse.Namespace, typed: set[str]) -> None:
 
 def checkpoint_path(args: argparse.Namespace) -> str:
     """--chkpt-path (a file, a diffusers folder, or a Hub id: see ddpmkit.interop.sources);
-    else <chkpt-dir>/ddpm_<dataset>.pt (the reference's name), else the
-    <chkpt-dir>/ddpm_<dataset>_*.pt holding the highest training step (what `ddpmkit train`
-    writes)."""
+    else <chkpt-dir>/ddpm_<dataset>.pt (the reference's name), else the checkpoint holding the
+    highest training step among <chkpt-dir>/<dataset>/ddpm_<dataset>_*.pt (what a default
+    `ddpmkit train` writes) and <chkpt-dir>/ddpm_<dataset>_*.pt."""
     from ddpmkit.checkpoints.files import CheckpointFiles, newest_file
     from ddpmkit.interop.sources import resolve_checkpoint
 
@@ -207,11 +207,14 @@ def checkpoint_path(args: argparse.Namespace) -> str:
     path = os.path.join(folder, f"ddpm_{args.dataset}.pt")
     if os.path.isfile(path):
         return path
-    latest = newest_file(CheckpointFiles(folder, f"ddpm_{args.dataset}").all())
+    prefix = f"ddpm_{args.dataset}"
+    run_folder = os.path.join(folder, args.dataset)
+    latest = newest_file(CheckpointFiles(run_folder, prefix).all()
+                         + CheckpointFiles(folder, prefix).all())
     if latest is None:
-        raise UserError(f"checkpoint {path!r} does not exist (nor ddpm_{args.dataset}_*.pt "
-                        f"there); pass --chkpt-path FILE")
-    log.info("using the newest checkpoint %s", latest)
+        raise UserError(f"no checkpoint found: neither {path} nor {prefix}_*.pt in "
+                        f"{run_folder} or {folder}; pass --chkpt-path FILE")
+    log.info("using the checkpoint with the highest step, %s", latest)
     return latest
 
 
@@ -254,6 +257,18 @@ def output_paths(args: argparse.Namespace, dataset: str) -> dict[str, str]:
 
 
 # ---- one process -------------------------------------------------------------------------
+def check_side_files(args: argparse.Namespace, paths: dict[str, str]) -> None:
+    """The grid and animation files beside the sample folder are replaced only when an earlier
+    run of this command wrote them: its sample folder holds the manifest."""
+    from ddpmkit.generation import MANIFEST_NAME
+    from ddpmkit.utils.io import check_replaceable_file
+
+    ours = os.path.isfile(os.path.join(paths["folder"], MANIFEST_NAME))
+    for flag, key in (("grid", "grid"), ("animate", "animation")):
+        if getattr(args, flag):
+            check_replaceable_file(paths[key], f"--{flag} output", lambda _: ours)
+
+
 def _load_model(args: argparse.Namespace, typed: set[str], device):
     """(model, config, checkpoint path, which weights) for this run: the checkpoint's own
     config, else --config-path / the dataset's; EMA weights when the file has them unless
@@ -270,7 +285,8 @@ def _load_model(args: argparse.Namespace, typed: set[str], device):
     use_ema = weights_choice(args)
     weights = choose_weights(ckpt, use_ema, repr(path))
     model, config = model_from_checkpoint_dict(ckpt, config, use_ema, device, repr(path),
-                                               group_norm_eps=args.group_norm_eps)
+                                               group_norm_eps=args.group_norm_eps,
+                                               action="sampling")
     dataset = (config.get("dataset") or {}).get("name") or args.dataset
     if has_config and "dataset" in typed and args.dataset != dataset:
         raise UserError(f"--dataset {args.dataset} but {path} was trained on {dataset}")
@@ -353,6 +369,7 @@ def run_process(args: argparse.Namespace, typed: set[str], env,
     if guidance is not None:  # only then: unconditional folders keep their manifests
         settings.update({"class_labels": list(guidance.labels.classes),
                          "labels": guidance.labels.rule, "guidance_scale": guidance.scale})
+    check_side_files(args, paths)
     check_manifest(paths["folder"], settings, write=env.is_main)
     if guidance is not None and env.is_main:
         count = max([args.total_size, *(i + 1 for i in existing_samples(paths["folder"]))])

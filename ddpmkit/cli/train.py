@@ -421,7 +421,8 @@ def check_class_flags(config: Dict[str, Any], typed: Set[str]) -> None:
         return
     given = [f"--{d.replace('_', '-')}" for d in ("class_dropout", "guidance_scale") if d in typed]
     if given:
-        raise UserError(f"{' and '.join(given)} apply to class-conditional runs: add "
+        verb = "apply" if len(given) > 1 else "applies"
+        raise UserError(f"{' and '.join(given)} {verb} to class-conditional runs: add "
                         "--class-cond")
 
 

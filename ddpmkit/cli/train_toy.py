@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint to resume from (with --resume; default: the one in "
                         "--chkpt-dir with the highest step)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier run of the dataset in --chkpt-dir made with other "
-                        "settings (one with the same settings is replaced without asking)")
+                   help="replace the saved run of the dataset in --chkpt-dir (its checkpoints, "
+                        "log and plots) with a new one")
     p.add_argument("--chkpt-every-minutes", type=float, default=10.0,
                    help="minutes between rolling checkpoints of the latest state (0: off)")
     p.add_argument("--lr-decay", choices=("none", "cosine", "linear"), default="none",

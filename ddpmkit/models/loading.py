@@ -106,13 +106,17 @@ def select_weights(ckpt: Mapping[str, Any], use_ema: bool | None = None,
     return strip_prefixes(ckpt["model"], source), entry
 
 
-def describe_weights(entry: str, source: str) -> str:
-    """One line saying which weights were loaded and how to pick the others."""
+def describe_weights(entry: str, source: str, has_ema: bool = False,
+                     action: str = "using") -> str:
+    """One line saying which weights were loaded (`action`: what is done with them, e.g.
+    "sampling") and how to pick the others."""
     if entry == "ema":
-        return f"sampling the EMA weights of {source} (--no-ema for the raw weights)"
+        return f"{action} the EMA weights of {source} (--no-ema for the raw weights)"
+    if entry == "model" and has_ema:
+        return f"{action} the raw weights of {source} (--no-ema; it also holds EMA weights)"
     if entry == "model":
-        return f"using the raw weights of {source}, which holds no EMA weights"
-    return (f"using the weights of {source} as they are (a bare state dict: EMA or raw, "
+        return f"{action} the raw weights of {source}, which holds no EMA weights"
+    return (f"{action} the weights of {source} as they are (a bare state dict: EMA or raw, "
             "the file does not say)")
 
 
@@ -217,13 +221,14 @@ def _with_group_norm_eps(config: dict[str, Any], eps: float | None, own: bool,
 
 def model_from_checkpoint_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any] | None = None,
                                use_ema: bool | None = None, device: Any = "cpu",
-                               source: str = "checkpoint", group_norm_eps: float | None = None):
+                               source: str = "checkpoint", group_norm_eps: float | None = None,
+                               action: str = "using"):
     """(model in eval mode on `device`, config) from an already loaded checkpoint dict.
 
     The checkpoint's own config wins; `config` is used only when the file carries none (the
     reference project's files), and one of the two must exist. `use_ema`: see
     `choose_weights` (default: the EMA weights when present). `group_norm_eps` overrides the
-    epsilon of files without a config of their own.
+    epsilon of files without a config of their own. `action` words the log line.
     """
     own = checkpoint_config(ckpt)
     stored = None if is_state_dict(ckpt) else ckpt.get("config")
@@ -238,5 +243,6 @@ def model_from_checkpoint_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any
     state_dict, entry = select_weights(ckpt, use_ema, source)
     model, _ = build_from_config(config)
     load_weights(model, state_dict, f"{source} ({entry})")
-    log.info(describe_weights(entry, source))
+    has_ema = not is_state_dict(ckpt) and ckpt.get("ema") is not None
+    log.info(describe_weights(entry, source, has_ema, action))
     return model.to(device).eval(), config

@@ -43,8 +43,10 @@ class StopFlag:
         self.signum: int | None = None
         self.announce = announce
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopFlag:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -64,6 +66,10 @@ class StopFlag:
                                "(Ctrl-C again to abort without saving)", signal_name(signum))
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            # A forked child (a DataLoader worker) inherited this handler and got the terminal's
+            # Ctrl-C too: the process that installed it stops the run (and announces it once).
+            return
         if self.signum is not None and signum == signal.SIGINT:
             # A second Ctrl-C: the user does not want to wait. Files are written atomically,
             # so leaving now leaves at worst a temp file, which the next run removes.

@@ -31,6 +31,7 @@ from ddpmkit.runtime.stops import StopFlag, exit_code
 from ddpmkit.schema import size_hw
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.trainer import Callback, Trainer
+from ddpmkit.utils.io import check_writable_folder
 
 logger = logging.getLogger(__name__)
 
@@ -263,31 +264,47 @@ def _elastic_restart() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
+# float32 copies of the parameters in a checkpoint: the weights and Adam's two moments, plus
+# the EMA weights when kept.
+_COPIES_WITHOUT_EMA = 3
+
+
+def checkpoint_bytes(config: Dict[str, Any]) -> int:
+    """About how many bytes one checkpoint of this run takes (counted on a network built on
+    the meta device: no memory, no time, and the RNG left as it was)."""
+    from ddpmkit.models import build_model
+
+    diffusion = build_diffusion(config["diffusion"], decoder="discretized")
+    out_channels = diffusion.model_out_channels(config["dataset"]["channels"])
+    rng = torch.get_rng_state()
+    try:
+        with torch.device("meta"):
+            model = build_model(config["model"], out_channels)
+    finally:
+        torch.set_rng_state(rng)
+    copies = _COPIES_WITHOUT_EMA + (1 if config["train"].get("use_ema") else 0)
+    return copies * 4 * sum(p.numel() for p in model.parameters())
+
+
 def prepare_run(config: Dict[str, Any], options: Dict[str, Any]) -> RunFolder:
     """The run folder, checked before any work: writable, and resumable or free (see
     `RunFolder`); loads the resume state (into `folder.resumed`)."""
     dirs = run_dirs(config)
     folder = RunFolder(dirs["chkpt"], config["run"]["chkpt_name"], config, dirs["images"])
-    folder.preflight()
+    folder.preflight(checkpoint_bytes(config))
+    precomputed = os.path.expanduser(options.get("precomputed_dir") or "")
+    if (config.get("eval") or {}).get("enabled") and precomputed \
+            and not os.path.isdir(precomputed):  # FID's reference statistics are cached there
+        check_writable_folder(precomputed, "--precomputed-dir")
     restarted = _elastic_restart()
     if restarted and options.get("overwrite") and not folder.holds_config(config):
         # The first attempt died before it replaced the old run: replace it now.
         folder.check_new_run(overwrite=True)
         return folder
-    if options.get("resume") or options.get("auto_resume") or restarted:
-        point = folder.resume_point(options.get("chkpt_path"))
-        if point is None and options.get("resume"):
-            raise UserError(f"--resume: no checkpoint found in {dirs['chkpt']}; pass "
-                            "--chkpt-path FILE, or --auto-resume to start fresh when there is "
-                            "none")
-        if point is None:
-            logger.warning("no checkpoint of this run yet in %s: starting from step 0",
-                           dirs["chkpt"])
-            folder.check_new_run(overwrite=True)
-        else:
-            _check_same_architecture(point.state, config, point.path)
-    else:
-        folder.check_new_run(bool(options.get("overwrite")))
+    folder.prepare(bool(options.get("resume")), options.get("chkpt_path"),
+                   bool(options.get("overwrite")),
+                   lambda state, path: _check_same_architecture(state, config, path),
+                   auto_resume=bool(options.get("auto_resume")) or restarted)
     return folder
 
 

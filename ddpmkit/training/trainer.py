@@ -482,10 +482,12 @@ class Trainer:
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
+            # The epoch the loss belongs to: the one in progress, or the one just finished.
+            epoch = self.epoch + (1 if self.batch_in_epoch else 0)
             where = (f"the last good checkpoint is {self.last_checkpoint}"
                      if self.last_checkpoint else "no checkpoint had been saved yet")
             raise NonFiniteLossError(
-                f"the training loss became {loss} by step {self.step} (epoch {self.epoch + 1}); "
+                f"the training loss became {loss} by step {self.step} (epoch {epoch}); "
                 f"training stopped without saving; {where}. Try a lower --lr, gradient "
                 "clipping or LR warmup")
 
@@ -580,6 +582,10 @@ class Trainer:
         schedule, so a run continued later matches one that never stopped.
         """
         until = self.epochs if until_epoch is None else min(int(until_epoch), self.epochs)
+        if self.epoch >= self.epochs and self.is_main:
+            logger.warning("nothing to train: the state is at epoch %d (step %d) and this run "
+                           "ends at epoch %d; give more epochs to train further", self.epoch,
+                           self.step, self.epochs)
         start_step, t0 = self.step, time.perf_counter()
         self.stopped, self._started = None, False
         self._control = RunControl(self.stop, self.chkpt_every_s, self.control_group,
