@@ -10,8 +10,8 @@ from helpers import tiny_config
 from PIL import Image
 
 from ddpmkit.cli.generate import main
-from ddpmkit.generation import MANIFEST_NAME
 from ddpmkit.models.loading import build_from_config
+from ddpmkit.sampling import MANIFEST_NAME
 from ddpmkit.training.checkpoint import save_checkpoint
 
 TINY_CONFIG = tiny_config()

@@ -112,3 +112,16 @@ def test_the_old_path_is_the_same_module():
     import ddpmkit.sampling as new
 
     assert old is new and old.IndexedNoise is new.noise.IndexedNoise
+
+
+def test_the_readmes_python_call_names_real_settings():
+    import re
+    from dataclasses import fields
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (call,) = re.findall(r"`ddpmkit\.sampling\.run\((.*?)\)`", text, flags=re.S)
+    keys = re.findall(r"(\w+)=", call)
+    assert keys and set(keys) <= {f.name for f in fields(SampleConfig)}
+    for name in ("present", "written", "folder"):
+        assert name in {f.name for f in fields(SampleSummary)}
