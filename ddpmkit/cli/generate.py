@@ -155,17 +155,16 @@ def flag_name(field: str) -> str:
 
 def sample_config(args: argparse.Namespace, typed: set[str]) -> SampleConfig:
     """The run the flags ask for, checked (errors name the flags); the Namespace stops here."""
-    if args.use_ddim:
-        if "sampler" in typed and args.sampler != "ddim":
-            raise UserError(f"--use-ddim contradicts --sampler {args.sampler}")
-        args.sampler = "ddim"
+    if args.use_ddim and "sampler" in typed and args.sampler != "ddim":
+        raise UserError(f"--use-ddim contradicts --sampler {args.sampler}")
     labels = args.class_label.split(",") if args.class_label is not None else None
     config = SampleConfig(
         checkpoint=args.chkpt_path, chkpt_dir=args.chkpt_dir,
         dataset=args.dataset if "dataset" in typed else None, config_path=args.config_path,
         config_dir=args.config_dir, use_ema=weights_choice(args),
-        group_norm_eps=args.group_norm_eps, sampler=args.sampler, steps=args.steps,
-        eta=args.eta, skip_schedule=args.skip_schedule, ddim_eps_from=args.ddim_eps_from,
+        group_norm_eps=args.group_norm_eps, sampler="ddim" if args.use_ddim else args.sampler,
+        steps=args.steps, eta=args.eta, skip_schedule=args.skip_schedule,
+        ddim_eps_from=args.ddim_eps_from,
         ddim_step_to=args.ddim_step_to, seed=args.seed, precision=args.precision,
         class_labels=tuple(labels) if labels is not None else None,
         guidance_scale=args.guidance_scale, total_size=args.total_size,
