@@ -62,9 +62,9 @@ def pixel_classifier(root: str, split: str) -> tuple[torch.nn.Module, float]:
 def main(argv=None) -> None:
     from ddpmkit.build import build_diffusion
     from ddpmkit.diffusion import make_sampler
-    from ddpmkit.generation import Guidance, class_grid_indices, class_labels, sample_indexed
     from ddpmkit.interop.sources import load_model_from_checkpoint
     from ddpmkit.models.loading import image_shape
+    from ddpmkit.sampling import Guidance, class_grid_indices, class_labels, sample_indexed
     from ddpmkit.utils.images import save_grid, to_uint8
 
     args = parse_args(argv)

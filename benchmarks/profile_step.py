@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import setup_run  # noqa: E402
 from train_throughput import make_trainer, parse_mode  # noqa: E402
 
-from ddpmkit.generation import make_denoise_fn  # noqa: E402
+from ddpmkit.sampling import make_denoise_fn  # noqa: E402
 
 # Kernel-name patterns, first match wins (cuDNN, cuBLAS/CUTLASS and ATen naming).
 KERNEL_KINDS = [

@@ -50,8 +50,8 @@ from common import (  # noqa: E402
 )
 
 from ddpmkit.diffusion.samplers import SAMPLERS, make_sampler  # noqa: E402
-from ddpmkit.generation import make_denoise_fn, sample_indexed  # noqa: E402
 from ddpmkit.models.loading import build_from_config, image_shape  # noqa: E402
+from ddpmkit.sampling import make_denoise_fn, sample_indexed  # noqa: E402
 
 MODE_OPTIONS = ({*PRECISION_OPTIONS, "cl", "graph", "overhead", "freeze", "nofreeze"}
                 | set(COMPILE_OPTIONS))

@@ -265,7 +265,7 @@ def test_image_label_dropout_is_drawn_for_the_global_batch():
 
 # ---- generation: the labels plan ---------------------------------------------------------
 def test_class_labels_plan():
-    from ddpmkit.generation import class_grid_indices, class_labels
+    from ddpmkit.sampling import class_grid_indices, class_labels
 
     every = class_labels(3)
     assert every.classes == (0, 1, 2) and every.of([0, 1, 2, 3, 7]) == [0, 1, 2, 0, 1]
@@ -283,7 +283,7 @@ def test_class_labels_plan():
 
 
 def test_labels_file_round_trip(tmp_path):
-    from ddpmkit.generation import class_labels, read_labels_file, write_labels_file
+    from ddpmkit.sampling import class_labels, read_labels_file, write_labels_file
 
     path = write_labels_file(str(tmp_path), class_labels(3, ["2", "0"]), 5,
                              names=["a,b", 'say "c"', "d"])
@@ -300,7 +300,7 @@ def test_labels_file_round_trip(tmp_path):
 
 
 def test_guided_sampling_is_per_sample_whatever_the_batch(one_thread):
-    from ddpmkit.generation import Guidance, class_labels, sample_indexed
+    from ddpmkit.sampling import Guidance, class_labels, sample_indexed
 
     torch.manual_seed(0)
     model, diffusion = build_from_config(_conditional_config(3))
@@ -316,7 +316,7 @@ def test_guided_sampling_is_per_sample_whatever_the_batch(one_thread):
     assert (whole - parts).abs().max() < 1e-4
     assert (whole[:3] - whole[3:].repeat(2, 1, 1, 1)[:3]).abs().max() > 0.1  # not all alike
     # sample i asked for class i mod 3 with guidance 2: the same as guiding by hand.
-    from ddpmkit.generation import IndexedNoise
+    from ddpmkit.sampling import IndexedNoise
 
     noise = IndexedNoise(0)
     idx = torch.tensor([4])
@@ -327,7 +327,7 @@ def test_guided_sampling_is_per_sample_whatever_the_batch(one_thread):
 
 
 def test_bf16_guided_denoiser_follows_fp32(one_thread):
-    from ddpmkit.generation import Guidance, class_labels, make_denoise_fn
+    from ddpmkit.sampling import Guidance, class_labels, make_denoise_fn
 
     torch.manual_seed(0)
     model = randomize_(build_from_config(_conditional_config(3))[0], seed=2).eval()
@@ -344,7 +344,7 @@ def test_bf16_guided_denoiser_follows_fp32(one_thread):
 
 @pytest.mark.slow
 def test_compiled_guided_denoiser_equals_eager(one_thread):
-    from ddpmkit.generation import Guidance, class_labels, make_denoise_fn
+    from ddpmkit.sampling import Guidance, class_labels, make_denoise_fn
 
     torch.manual_seed(0)
     model = randomize_(build_from_config(_conditional_config(3))[0], seed=2).eval()
@@ -364,7 +364,7 @@ def test_compiled_guided_denoiser_equals_eager(one_thread):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_guided_denoiser_takes_new_labels_each_call():
-    from ddpmkit.generation import Guidance, class_labels, make_denoise_fn
+    from ddpmkit.sampling import Guidance, class_labels, make_denoise_fn
 
     torch.manual_seed(0)
     model = randomize_(build_from_config(_conditional_config(3))[0], seed=2).cuda().eval()

@@ -12,8 +12,8 @@ from helpers import one_line_error, randomize_, tiny_config
 from PIL import Image
 
 from ddpmkit.cli import main as ddpmkit_main
-from ddpmkit.generation import LABELS_NAME, MANIFEST_NAME
 from ddpmkit.models.loading import build_from_config
+from ddpmkit.sampling import LABELS_NAME, MANIFEST_NAME
 from ddpmkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 

@@ -80,7 +80,7 @@ def test_generation_compile_freezes_weights_on_cpu_and_matches_eager():
     this test sees that freezing is really on."""
     if not _compile_works():
         pytest.skip("torch.compile does not work on this machine")
-    from ddpmkit.generation import make_denoise_fn
+    from ddpmkit.sampling import make_denoise_fn
 
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     t = torch.tensor([2, 7])

@@ -10,8 +10,8 @@ from helpers import tiny_config
 from PIL import Image
 
 from ddpmkit.cli.generate import main
-from ddpmkit.generation import MANIFEST_NAME
 from ddpmkit.models.loading import build_from_config
+from ddpmkit.sampling import MANIFEST_NAME
 from ddpmkit.training.checkpoint import save_checkpoint
 
 TINY_CONFIG = tiny_config()
@@ -182,26 +182,28 @@ def test_bad_input_is_one_line(tmp_path, tiny_checkpoint, capsys, argv, message)
 
 
 def test_checkpoint_found_in_chkpt_dir(tmp_path):
-    from ddpmkit.cli.generate import build_parser, checkpoint_path
+    from ddpmkit.sampling.source import checkpoint_path
 
-    args = build_parser().parse_args(["--dataset", "mnist", "--chkpt-dir", str(tmp_path)])
+    def found():  # what --dataset mnist --chkpt-dir tmp_path finds
+        return checkpoint_path("", str(tmp_path), "mnist")
+
     # the reference's files (no step inside) rank by the number in their name
     for name in ("ddpm_cifar10_99.pt", "ddpm_mnist_10.pt", "ddpm_mnist_9.pt"):
         save_checkpoint({"epoch": 1}, str(tmp_path / name))
-    assert checkpoint_path(args) == str(tmp_path / "ddpm_mnist_10.pt")
+    assert found() == str(tmp_path / "ddpm_mnist_10.pt")
     # ours rank by the step stored inside, above files without one, whatever their age
     save_checkpoint({"step": 300}, str(tmp_path / "ddpm_mnist_step300.pt"))
     save_checkpoint({"step": 200}, str(tmp_path / "ddpm_mnist_2.pt"))
     (tmp_path / "ddpm_mnist_50.pt").write_bytes(b"damaged")  # skipped
     os.utime(tmp_path / "ddpm_mnist_step300.pt", (1e9, 1e9))  # the oldest file
-    assert checkpoint_path(args) == str(tmp_path / "ddpm_mnist_step300.pt")
+    assert found() == str(tmp_path / "ddpm_mnist_step300.pt")
     # what a default `train` writes: <chkpt-dir>/<dataset>/, by the step inside as well
     os.makedirs(tmp_path / "mnist")
     save_checkpoint({"step": 400}, str(tmp_path / "mnist" / "ddpm_mnist_3.pt"))
     save_checkpoint({"step": 100}, str(tmp_path / "mnist" / "ddpm_mnist_1.pt"))
-    assert checkpoint_path(args) == str(tmp_path / "mnist" / "ddpm_mnist_3.pt")
+    assert found() == str(tmp_path / "mnist" / "ddpm_mnist_3.pt")
     (tmp_path / "ddpm_mnist.pt").write_bytes(b"x")  # the reference's fixed name wins
-    assert checkpoint_path(args) == str(tmp_path / "ddpm_mnist.pt")
+    assert found() == str(tmp_path / "ddpm_mnist.pt")
 
 
 def test_channels_last_gives_the_same_images(tmp_path, tiny_checkpoint, capsys):

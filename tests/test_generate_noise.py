@@ -11,7 +11,7 @@ from PIL import Image
 
 from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule, make_sampler
 from ddpmkit.errors import UserError
-from ddpmkit.generation import (
+from ddpmkit.sampling import (
     DistEnv,
     IndexedNoise,
     dist_env_from_environ,

@@ -10,12 +10,12 @@ import torch
 from helpers import randomize_, tiny_config
 
 from ddpmkit.cli.generate import main as generate_main
-from ddpmkit.generation import MANIFEST_NAME
 from ddpmkit.models.loading import (
     build_from_config,
     choose_weights,
     model_from_checkpoint_dict,
 )
+from ddpmkit.sampling import MANIFEST_NAME
 from ddpmkit.training.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -77,7 +77,7 @@ def test_compile_and_channels_last_match_eager(strict_fp32):
 
 
 def test_frozen_compiled_denoiser_matches_eager(strict_fp32):
-    from ddpmkit.generation import make_denoise_fn
+    from ddpmkit.sampling import make_denoise_fn
 
     model = unet().eval()
     x, t = batch(), torch.arange(16).cuda() * 60
@@ -116,7 +116,7 @@ def test_nccl_ddp_one_process_matches_plain_step():
 
 def test_generation_is_deterministic_on_gpu(strict_fp32):
     from ddpmkit.diffusion import make_sampler
-    from ddpmkit.generation import IndexedNoise, sample_indexed
+    from ddpmkit.sampling import IndexedNoise, sample_indexed
 
     model, diffusion = unet().eval(), build_diffusion({"timesteps": 100})
     sampler = make_sampler(diffusion, "ddpm")
@@ -135,7 +135,7 @@ def test_generation_is_deterministic_on_gpu(strict_fp32):
 
 
 def test_cuda_graph_denoiser_matches_eager_and_recaptures_per_shape():
-    from ddpmkit.generation import make_denoise_fn
+    from ddpmkit.sampling import make_denoise_fn
 
     model = unet().eval()
     eager = make_denoise_fn(model, "bf16", "cuda", channels_last=True)
@@ -153,7 +153,7 @@ def test_cuda_graph_denoiser_matches_eager_and_recaptures_per_shape():
 
 def test_cuda_graph_sampling_matches_eager_fp32(strict_fp32):
     from ddpmkit.diffusion import make_sampler
-    from ddpmkit.generation import make_denoise_fn, sample_indexed
+    from ddpmkit.sampling import make_denoise_fn, sample_indexed
 
     model, diffusion = unet().eval(), build_diffusion({"timesteps": 100})
     for name in ("ddim", "dpm-solver++", "ddpm"):

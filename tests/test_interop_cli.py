@@ -17,8 +17,8 @@ from PIL import Image
 from ddpmkit.cli.eval import main as eval_main
 from ddpmkit.cli.generate import main as generate_main
 from ddpmkit.errors import UserError
-from ddpmkit.generation import MANIFEST_NAME
 from ddpmkit.interop.sources import checkpoint_digest, load_model_from_checkpoint, resolve_checkpoint
+from ddpmkit.sampling import MANIFEST_NAME
 
 pytest.importorskip("diffusers")
 HUB_ID = "google/ddpm-cifar10-32"

@@ -6,12 +6,12 @@ Floors (a module imports only from its own floor or lower):
   3 schema, config, data/, checkpoints/  defaults and configs; datasets; checkpoint files
   4 models/, build                       networks; diffusion + network from a config
   5 interop/                             diffusers folders, safetensors, Hub ids
-  6 generation, metrics/, training/      sampling, evaluation, training
+  6 sampling/, metrics/, training/       sampling, evaluation, training
   8 cli/, __main__                       argument tables and mains
 The package's `__init__` (its `__version__`, and names loaded lazily by string) imports nothing
 itself. Further rules: no import
 cycle; nothing outside cli/ imports cli; diffusion/ imports nothing of the package but errors
-and choices; generation does not import training; interop imports models, never the reverse;
+and choices; sampling/ does not import training; interop imports models, never the reverse;
 no class over 300 lines, no function over 80 (argument tables excepted), no file over 400.
 
 Today's exceptions are listed below, each with the reason it stays for now; the lists only
@@ -31,7 +31,7 @@ FLOORS = {
     "schema": 3, "config": 3, "data": 3, "checkpoints": 3,
     "models": 4, "build": 4,
     "interop": 5,
-    "generation": 6, "metrics": 6, "training": 6,
+    "generation": 6, "sampling": 6, "metrics": 6, "training": 6,
     "cli": 8, "__main__": 8,
     "__init__": 1,  # the package's names load lazily: it imports nothing itself
 }
@@ -49,12 +49,12 @@ SHIMS = {
     "training.distributed": "runtime.distributed",
     "training.preemption": "runtime.stops",
     "training.checkpoint": "checkpoints.files",
+    "generation": "sampling",
 }
 # Oversized definitions today: "module:qualname" (or "module" for a file) -> lines.
 ALLOWED_LONG = {
-    "cli.generate": 557, "cli.train": 468, "data.images": 638, "diffusion.gaussian": 410,
-    "generation": 478, "metrics.inception": 518, "models.unet:UNet.__init__": 84,
-    "training.images": 513,
+    "cli.train": 468, "data.images": 638, "diffusion.gaussian": 410, "metrics.inception": 518,
+    "models.unet:UNet.__init__": 84, "training.images": 513,
     "training.trainer": 810, "training.trainer:Trainer": 620,
 }
 
@@ -139,8 +139,9 @@ def rule_breaks() -> dict:
                               and top(a) not in ("cli", "__main__")},
         "diffusion is pure": {(a, b) for a, b in edges() if top(a) == "diffusion"
                               and top(b) not in DIFFUSION_MAY_IMPORT},
-        "generation without training": {(a, b) for a, b in edges() if top(a) == "generation"
-                                        and top(b) == "training"},
+        "sampling without training": {(a, b) for a, b in edges()
+                                      if top(a) in ("sampling", "generation")
+                                      and top(b) == "training"},
         "models without interop": {(a, b) for a, b in edges() if top(a) in ("models", "build")
                                    and top(b) == "interop"},
     }

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import randomize_, tiny_config
 
-import ddpmkit.generation as generation
+import ddpmkit.sampling.folder as sample_folder
 from ddpmkit.cli.generate import main as generate_main
 from ddpmkit.models.loading import build_from_config
 
@@ -53,13 +53,13 @@ def _generate(paths, out, sampler, precision, monkeypatch):
     """(sha256 of each PNG, the float images the PNGs were quantized from)."""
     ckpt, config, _ = paths
     seen = []
-    to_uint8 = generation.to_uint8
+    to_uint8 = sample_folder.to_uint8
 
     def spy(x):
         seen.append(x.detach().clone())
         return to_uint8(x)
 
-    monkeypatch.setattr(generation, "to_uint8", spy)
+    monkeypatch.setattr(sample_folder, "to_uint8", spy)
     assert generate_main(["--chkpt-path", str(ckpt), "--config-path", str(config),
                           "--use-ema", "--total-size", str(NUM_IMAGES), "--seed", str(SEED),
                           "--save-dir", str(out), "--precision", precision, "--no-progress",
@@ -82,9 +82,9 @@ def _float64_images(paths, sampler):
     name, _, steps = sampler.partition("-")
     chosen = make_sampler(diffusion, name, steps=int(steps) if steps else None)
     with torch.no_grad():
-        return generation.sample_indexed(diffusion, model.double().eval(), chosen,
-                                         range(NUM_IMAGES), image_shape(config), SEED, "cpu",
-                                         dtype=torch.float64)
+        return sample_folder.sample_indexed(diffusion, model.double().eval(), chosen,
+                                            range(NUM_IMAGES), image_shape(config), SEED, "cpu",
+                                            dtype=torch.float64)
 
 
 def _levels(x):
@@ -115,5 +115,5 @@ def test_bf16_changes_the_pngs(reference_checkpoint, tmp_path, monkeypatch):
     fp32, a = _generate(reference_checkpoint, tmp_path / "a", "ddim-5", "fp32", monkeypatch)
     bf16, b = _generate(reference_checkpoint, tmp_path / "b", "ddim-5", "bf16", monkeypatch)
     assert fp32 != bf16
-    diff = np.abs(generation.to_uint8(a).astype(int) - generation.to_uint8(b).astype(int))
+    diff = np.abs(sample_folder.to_uint8(a).astype(int) - sample_folder.to_uint8(b).astype(int))
     assert 0 < diff.max() < 64  # the same images, changed in places

@@ -176,9 +176,9 @@ def test_the_toy_trainer_stops_as_cleanly_and_resumes_exactly(tmp_path, monkeypa
 def test_generation_stops_after_the_batch_and_a_rerun_finishes(tmp_path, monkeypatch, capsys):
     from helpers import tiny_config
 
-    from ddpmkit import generation
     from ddpmkit.cli.generate import main as generate_main
     from ddpmkit.models.loading import build_from_config
+    from ddpmkit.sampling import folder as sample_folder
     from ddpmkit.training.checkpoint import save_checkpoint
 
     model, _ = build_from_config(tiny_config())
@@ -186,7 +186,7 @@ def test_generation_stops_after_the_batch_and_a_rerun_finishes(tmp_path, monkeyp
     save_checkpoint({"model": model.state_dict(), "config": tiny_config()}, str(path))
     argv = ["--chkpt-path", str(path), "--total-size", "6", "--batch-size", "2", "--sampler",
             "ddim", "--steps", "2", "--save-dir", str(tmp_path / "out"), "--no-progress"]
-    original, calls = generation.sample_indexed, []
+    original, calls = sample_folder.sample_indexed, []
 
     def sample_indexed(*args, **kwargs):
         calls.append(1)
@@ -195,7 +195,7 @@ def test_generation_stops_after_the_batch_and_a_rerun_finishes(tmp_path, monkeyp
         return original(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(generation, "sample_indexed", sample_indexed)
+        patch.setattr(sample_folder, "sample_indexed", sample_indexed)
         assert generate_main(argv) == 143
     out = capsys.readouterr().out
     assert "stopped by SIGTERM: 4 of 6 samples" in out and "run the same command again" in out

@@ -172,7 +172,7 @@ def sample_labels(folder: str, paths: list[str], dataset: str):
     """(label per sample path, {label: class name}) from the folder's labels.csv, checked
     against the reference dataset's class names."""
     from ddpmkit.data.images import CLASS_NAMES
-    from ddpmkit.generation import LABELS_NAME, read_labels_file
+    from ddpmkit.sampling.folder import LABELS_NAME, read_labels_file
 
     found = read_labels_file(folder)
     if found is None:

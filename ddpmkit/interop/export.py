@@ -105,17 +105,14 @@ def export_checkpoint(checkpoint: str, out: str, fmt: str, use_ema: bool | None 
     """
     from ddpmkit.interop.safetensors_format import save_weights
     from ddpmkit.interop.sources import load_checkpoint_any, resolve_checkpoint
-    from ddpmkit.models.loading import is_state_dict, model_from_checkpoint_dict
+    from ddpmkit.models.loading import load_model_dict
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     check_output(out, fmt, overwrite, inputs=(os.path.expanduser(checkpoint),))
     ckpt = load_checkpoint_any(resolve_checkpoint(checkpoint))
-    bare = is_state_dict(ckpt)
-    if use_ema is None:
-        use_ema = not bare and ckpt.get("ema") is not None
-    model, config = model_from_checkpoint_dict(ckpt, config, use_ema, "cpu", repr(checkpoint))
-    weights = "unlabelled" if bare else ckpt.get("weights") or ("ema" if use_ema else "model")
+    model, config, entry = load_model_dict(ckpt, config, use_ema, "cpu", repr(checkpoint))
+    weights = "unlabelled" if entry == "bare state dict" else ckpt.get("weights") or entry
     state_dict = model.state_dict()
     if fmt == "safetensors":
         save_weights(out, state_dict, config, weights)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -219,11 +219,20 @@ def _with_group_norm_eps(config: dict[str, Any], eps: float | None, own: bool,
     return {**config, "model": model}
 
 
-def model_from_checkpoint_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any] | None = None,
-                               use_ema: bool | None = None, device: Any = "cpu",
-                               source: str = "checkpoint", group_norm_eps: float | None = None,
-                               action: str = "using"):
-    """(model in eval mode on `device`, config) from an already loaded checkpoint dict.
+class LoadedModel(NamedTuple):
+    """A network ready to run, the config it was built from, and which of the checkpoint's
+    weights it holds ("ema", "model" or "bare state dict": see `choose_weights`)."""
+    model: nn.Module
+    config: dict[str, Any]
+    weights: str
+
+
+def load_model_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any] | None = None,
+                    use_ema: bool | None = None, device: Any = "cpu",
+                    source: str = "checkpoint", group_norm_eps: float | None = None,
+                    action: str = "using") -> LoadedModel:
+    """The model in eval mode on `device`, its config and its weights' entry, from an already
+    loaded checkpoint dict.
 
     The checkpoint's own config wins; `config` is used only when the file carries none (the
     reference project's files), and one of the two must exist. `use_ema`: see
@@ -245,4 +254,13 @@ def model_from_checkpoint_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any
     load_weights(model, state_dict, f"{source} ({entry})")
     has_ema = not is_state_dict(ckpt) and ckpt.get("ema") is not None
     log.info(describe_weights(entry, source, has_ema, action))
-    return model.to(device).eval(), config
+    return LoadedModel(model.to(device).eval(), config, entry)
+
+
+def model_from_checkpoint_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any] | None = None,
+                               use_ema: bool | None = None, device: Any = "cpu",
+                               source: str = "checkpoint", group_norm_eps: float | None = None,
+                               action: str = "using"):
+    """(model in eval mode on `device`, config): `load_model_dict` without the weights' entry."""
+    loaded = load_model_dict(ckpt, config, use_ema, device, source, group_norm_eps, action)
+    return loaded.model, loaded.config

@@ -56,9 +56,9 @@ class FIDCallback(Callback):
 
     def evaluate(self, trainer: Trainer) -> Optional[Dict[str, float]]:
         from ddpmkit.diffusion import make_sampler
-        from ddpmkit.generation import DistEnv, Guidance, class_labels, sample_indexed, shard
         from ddpmkit.metrics import compute_metrics, extract_features
         from ddpmkit.metrics.inception import InceptionFeatures
+        from ddpmkit.sampling import DistEnv, Guidance, class_labels, sample_indexed, shard
         from ddpmkit.utils.images import quantize
 
         env = DistEnv(trainer.rank, trainer.world_size)
