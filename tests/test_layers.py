@@ -52,7 +52,7 @@ SHIMS = {
 }
 # Oversized definitions today: "module:qualname" (or "module" for a file) -> lines.
 ALLOWED_LONG = {
-    "cli.generate": 557, "cli.train": 468, "data.images": 638,
+    "cli.generate": 557, "cli.train": 468,
     "generation": 478,
     "training.images": 513,
     "training.trainer": 810, "training.trainer:Trainer": 620,
