@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import toy_updates  # noqa: E402
 
-from ddpmkit.data.toy import make_toy_data, toy_generator, toy_mixture
+from ddpmkit.data.toy import make_toy_data, toy_generator
 from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule, make_sampler, sample
 from ddpmkit.metrics.toy import ToyEvaluator
 from ddpmkit.models.toy import ToyMLP
@@ -95,10 +95,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     g = toy_generator(args.seed + 1)
     true_points = make_toy_data(args.dataset, 50_000, g)
-    mixture = toy_mixture(args.dataset)
-    evaluator = ToyEvaluator(true_points, make_toy_data(args.dataset, args.num_points, g),
-                             modes=None if mixture is None else mixture.modes,
-                             std=None if mixture is None else mixture.std)
+    evaluator = ToyEvaluator.for_dataset(args.dataset, true_points,
+                                         make_toy_data(args.dataset, args.num_points, g))
     triples = (make_toy_data(args.dataset, HELD_OUT, g), torch.randint(100, (HELD_OUT,), generator=g),
                torch.randn(HELD_OUT, 2, generator=g))
     x_T = torch.randn(args.num_points, 2, generator=g)

@@ -124,11 +124,10 @@ def main(argv=None) -> int:
 
     g = toy_generator(args.seed + 1)
     true_points = make_toy_data(args.dataset, 50_000, g)
-    mixture = toy_mixture(args.dataset)
-    evaluator = ToyEvaluator(true_points, make_toy_data(args.dataset, args.num_points, g),
-                             modes=None if mixture is None else mixture.modes,
-                             std=None if mixture is None else mixture.std)
+    evaluator = ToyEvaluator.for_dataset(args.dataset, true_points,
+                                         make_toy_data(args.dataset, args.num_points, g))
     x_T = torch.randn(args.num_points, 2, generator=g)
+    mixture = toy_mixture(args.dataset)
 
     runs = [("ddpm", args.timesteps)] + [(s, n) for s in FAST_SAMPLERS for n in STEP_COUNTS]
     rows, results = [], {}
