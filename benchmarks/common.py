@@ -1,10 +1,11 @@
-"""Shared helpers for the benchmark scripts: timing, peak memory, FLOP counting, peak tables."""
+"""Shared helpers for the benchmark scripts: timing, peak memory, FLOP counting, peak tables,
+the toy benchmarks' training."""
 
 import contextlib
 import platform
 import resource
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -149,3 +150,26 @@ def autocast(device: torch.device, precision: str):
 
 def format_row(values: Dict[str, object], widths: Dict[str, int]) -> str:
     return "  ".join(str(values.get(k, "")).rjust(w) for k, w in widths.items())
+
+
+def toy_updates(diffusion, net: torch.nn.Module, dataset: str, batch_size: int, lr: float,
+                steps: int, seed: int) -> Iterator[Tuple[int, float]]:
+    """The toy benchmarks' training: `steps` Adam updates of `net` with cosine LR decay to 0,
+    each on a fresh batch of `dataset` with its x_0, t and noise drawn in that order from one
+    generator seeded with `seed` (the same draws for every network). Yields (step from 1,
+    loss) after each update; the caller may evaluate `net` in between."""
+    from ddpmkit.data.toy import make_toy_data, toy_generator
+
+    g = toy_generator(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for step in range(1, steps + 1):
+        x_0 = make_toy_data(dataset, batch_size, g)
+        t = torch.randint(diffusion.T, (batch_size,), generator=g)
+        noise = torch.randn(x_0.shape, generator=g)
+        loss = diffusion.training_losses(net, x_0, t, noise).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        yield step, loss.item()

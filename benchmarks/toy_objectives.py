@@ -15,12 +15,16 @@ its floor, modes covered, share of points within 3 std of a mode).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
-from ddpmkit.data.toy import make_toy_data, toy_generator, toy_mixture
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import toy_updates  # noqa: E402
+
+from ddpmkit.data.toy import make_toy_data, toy_generator
 from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule, make_sampler, sample
 from ddpmkit.metrics.toy import ToyEvaluator
 from ddpmkit.models.toy import ToyMLP
@@ -66,20 +70,10 @@ def train_and_score(args, name, evaluator, triples, x_T):
                                   min_snr_gamma=args.min_snr_gamma)
     torch.manual_seed(args.seed)
     net = ToyMLP(fourier_features=64, fourier_scale=2.0, fourier_seed=args.seed)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.updates)
-    g = toy_generator(args.seed)  # the same draws for every objective
     rows, start, losses = [], time.perf_counter(), []
-    for step in range(1, args.updates + 1):
-        x_0 = make_toy_data(args.dataset, args.batch_size, g)
-        t = torch.randint(diffusion.T, (args.batch_size,), generator=g)
-        noise = torch.randn(x_0.shape, generator=g)
-        loss = diffusion.training_losses(net, x_0, t, noise).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+    for step, loss in toy_updates(diffusion, net, args.dataset, args.batch_size, args.lr,
+                                  args.updates, args.seed):  # the same draws for every objective
+        losses.append(loss)
         if step % args.eval_every == 0 or step == args.updates:
             net.eval()
             mse = held_out_eps_mse(diffusion, net, triples)
@@ -101,10 +95,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     g = toy_generator(args.seed + 1)
     true_points = make_toy_data(args.dataset, 50_000, g)
-    mixture = toy_mixture(args.dataset)
-    evaluator = ToyEvaluator(true_points, make_toy_data(args.dataset, args.num_points, g),
-                             modes=None if mixture is None else mixture.modes,
-                             std=None if mixture is None else mixture.std)
+    evaluator = ToyEvaluator.for_dataset(args.dataset, true_points,
+                                         make_toy_data(args.dataset, args.num_points, g))
     triples = (make_toy_data(args.dataset, HELD_OUT, g), torch.randint(100, (HELD_OUT,), generator=g),
                torch.randn(HELD_OUT, 2, generator=g))
     x_T = torch.randn(args.num_points, 2, generator=g)

@@ -20,6 +20,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import toy_updates  # noqa: E402
+
 from ddpmkit.data.toy import make_toy_data, toy_generator, toy_mixture
 from ddpmkit.diffusion import (
     SKIP_SCHEDULES,
@@ -58,22 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train(args, diffusion: GaussianDiffusion) -> torch.nn.Module:
     torch.manual_seed(args.seed)
-    g = toy_generator(args.seed)
     net = ToyMLP()
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.train_steps)
     start = time.perf_counter()
-    for step in range(args.train_steps):
-        x_0 = make_toy_data(args.dataset, args.batch_size, g)
-        t = torch.randint(diffusion.T, (args.batch_size,), generator=g)
-        noise = torch.randn(x_0.shape, generator=g)
-        loss = diffusion.training_losses(net, x_0, t, noise).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % 1000 == 0:
-            print(f"# step {step + 1}: loss {loss.item():.4f} "
+    for step, loss in toy_updates(diffusion, net, args.dataset, args.batch_size, args.lr,
+                                  args.train_steps, args.seed):
+        if step % 1000 == 0:
+            print(f"# step {step}: loss {loss:.4f} "
                   f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     return net.eval()
 
@@ -131,11 +124,10 @@ def main(argv=None) -> int:
 
     g = toy_generator(args.seed + 1)
     true_points = make_toy_data(args.dataset, 50_000, g)
-    mixture = toy_mixture(args.dataset)
-    evaluator = ToyEvaluator(true_points, make_toy_data(args.dataset, args.num_points, g),
-                             modes=None if mixture is None else mixture.modes,
-                             std=None if mixture is None else mixture.std)
+    evaluator = ToyEvaluator.for_dataset(args.dataset, true_points,
+                                         make_toy_data(args.dataset, args.num_points, g))
     x_T = torch.randn(args.num_points, 2, generator=g)
+    mixture = toy_mixture(args.dataset)
 
     runs = [("ddpm", args.timesteps)] + [(s, n) for s in FAST_SAMPLERS for n in STEP_COUNTS]
     rows, results = [], {}

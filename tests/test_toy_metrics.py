@@ -62,3 +62,16 @@ def test_non_finite_samples_count_as_misplaced():
     assert out["non_finite"] == 500
     assert math.isfinite(out["kl"]) and out["kl"] > 0.5
     assert out["high_quality"] == pytest.approx(0.5 * 0.989, abs=0.02)
+
+
+def test_the_evaluator_for_a_dataset_scores_its_modes():
+    true = make_toy_data("gaussian8", 20_000, toy_generator(0))
+    ref = make_toy_data("gaussian8", 1000, toy_generator(1))
+    ev = ToyEvaluator.for_dataset("gaussian8", true, ref)
+    mix = toy_mixture("gaussian8")
+    by_hand = ToyEvaluator(true, ref, modes=mix.modes, std=mix.std)
+    assert ev.evaluate(ref) == by_hand.evaluate(ref)
+    assert ev.evaluate(ref)["modes_covered"] == 8
+    roll = make_toy_data("swissroll", 20_000, toy_generator(0))
+    out = ToyEvaluator.for_dataset("swissroll", roll).evaluate(roll[:1000])
+    assert "modes_covered" not in out and out["kl"] > 0

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ddpmkit eval",
         description="Evaluate generated images: FID, precision/recall, KID, Inception Score.")
     p.add_argument("--root", default="~/datasets", help="root directory of datasets")
-    p.add_argument("--dataset", choices=IMAGE_DATASETS, default="cifar10",
+    p.add_argument("--dataset", choices=IMAGE_DATASETS, default="cifar10",  # folder: --root is it
                    help="reference dataset (also the default sample folder name)")
     p.add_argument("--ref-split", default="train",
                    help="split of --dataset used as the reference set")

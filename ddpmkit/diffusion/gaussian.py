@@ -39,6 +39,7 @@ from ddpmkit.diffusion.functions import (
     mean_flat,
     normal_kl,
 )
+from ddpmkit.diffusion.objective import check_choice, check_objective, min_snr_weight
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -70,45 +71,6 @@ class BPDResult(NamedTuple):
     prior: torch.Tensor   # (B,) KL(q(x_T | x_0) || N(0, I))
     terms: torch.Tensor   # (B, T) L_t for t = 0..T-1 (t = 0 is the decoder NLL)
     x_0_mse: torch.Tensor  # (B, T) mean squared error of the predicted x_0
-
-
-def _choice(value: str, allowed: Tuple[str, ...], what: str) -> str:
-    if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
-    return value
-
-
-def _check_objective(betas: np.ndarray, model_mean_type: str, model_var_type: str,
-                     loss_type: str, loss_weight: str, min_snr_gamma: float) -> None:
-    """ValueError for the betas and the combinations of settings that are not defined."""
-    if betas.ndim != 1 or len(betas) < 2:
-        raise ValueError("betas must be a 1-D array of at least 2 diffusion steps")
-    # Only the last beta may be 1: zero terminal SNR (x_{T-1} is pure noise).
-    if not (np.all((betas[:-1] > 0) & (betas[:-1] < 1)) and 0 < betas[-1] <= 1):
-        raise ValueError("every beta must lie in (0, 1) (the last may be 1: zero terminal SNR)")
-    if loss_type == "mse" and model_var_type == "learned":
-        raise ValueError(
-            "loss type 'mse' trains only the mean, so a 'learned' variance would never be "
-            "trained; use loss type 'kl' with 'learned', or model variance type "
-            "'fixed-small' / 'fixed-large' with 'mse'"
-        )
-    if loss_weight == "min-snr" and loss_type != "mse":
-        raise ValueError("loss weight 'min-snr' weights the MSE over t; loss type 'kl' is the "
-                         "variational bound, which a weighting would no longer be: use "
-                         "loss weight 'uniform' with 'kl'")
-    if not (math.isfinite(min_snr_gamma) and min_snr_gamma > 0):
-        raise ValueError(f"min-SNR gamma must be a positive number, got {min_snr_gamma}")
-    if betas[-1] == 1 and model_mean_type == "eps":
-        raise ValueError("zero terminal SNR leaves no signal at t = T-1, where x_0 cannot be "
-                         "recovered from eps (it divides by sqrt(alphas_bar) = 0); use model "
-                         "mean type 'v' (Lin et al. 2024) or 'x_0'")
-
-
-def _x_0_loss_factor(model_mean_type: str, snr: np.ndarray, coef1: np.ndarray) -> np.ndarray:
-    """f_t with |target - output|^2 = f_t |x_0 - x_0^|^2 for the mean type's MSE: eps: SNR;
-    x_0: 1; v: SNR + 1; mean: coef1^2 (mu~ is coef1 x_0 plus a term in x_t)."""
-    return {"eps": snr, "x_0": np.ones_like(snr), "v": snr + 1.0,
-            "mean": coef1 ** 2}[model_mean_type]
 
 
 def _tables(betas: np.ndarray) -> Dict[str, np.ndarray]:
@@ -154,10 +116,8 @@ class GaussianDiffusion:
     at t = 0 and no clipping. `clip_denoised` overrides that default (a diffusers scheduler's
     `clip_sample: false`).
 
-    `loss_weight="min-snr"` weights the MSE at step t by w_t = min(SNR_t, gamma) / f_t, where
-    f_t (`_x_0_loss_factor`) turns the mean type's MSE into the MSE of x_0: every mean type
-    then minimises min(SNR_t, gamma) |x_0 - x_0^|^2 (Hang et al. 2023: eps min(SNR, g) / SNR,
-    x_0 min(SNR, g), v min(SNR, g) / (SNR + 1); for `mean`, min(SNR, g) / coef1^2).
+    `loss_weight="min-snr"` weights the MSE at step t by w_t = min(SNR_t, gamma) / f_t, which
+    makes every mean type minimise min(SNR_t, gamma) |x_0 - x_0^|^2 (`diffusion.objective`).
     Betas whose last entry is 1 have zero terminal SNR (see `rescale_zero_terminal_snr`).
     """
 
@@ -165,24 +125,24 @@ class GaussianDiffusion:
                  loss_type: str = "mse", decoder: str = "discretized",
                  clip_denoised: Optional[bool] = None, loss_weight: str = "uniform",
                  min_snr_gamma: float = 5.0):
-        self.model_mean_type = _choice(model_mean_type, MODEL_MEAN_TYPES, "model mean type")
-        self.model_var_type = _choice(model_var_type, MODEL_VAR_TYPES, "model variance type")
-        self.loss_type = _choice(loss_type, LOSS_TYPES, "loss type")
-        self.decoder = _choice(decoder, DECODERS, "decoder")
-        self.loss_weight = _choice(loss_weight, LOSS_WEIGHTS, "loss weight")
+        self.model_mean_type = check_choice(model_mean_type, MODEL_MEAN_TYPES, "model mean type")
+        self.model_var_type = check_choice(model_var_type, MODEL_VAR_TYPES, "model variance type")
+        self.loss_type = check_choice(loss_type, LOSS_TYPES, "loss type")
+        self.decoder = check_choice(decoder, DECODERS, "decoder")
+        self.loss_weight = check_choice(loss_weight, LOSS_WEIGHTS, "loss weight")
         self.min_snr_gamma = float(min_snr_gamma)
         betas = np.asarray(betas, dtype=np.float64)
-        _check_objective(betas, model_mean_type, model_var_type, loss_type, loss_weight,
-                         self.min_snr_gamma)
+        check_objective(betas, model_mean_type, model_var_type, loss_type, loss_weight,
+                        self.min_snr_gamma)
         self.T = len(betas)
         self.zero_terminal_snr = bool(betas[-1] == 1)
         self.clip_denoised = decoder == "discretized" if clip_denoised is None else clip_denoised
 
         tables = _tables(betas)
         if self.loss_weight == "min-snr":
-            snr = tables["snr"]
-            factor = _x_0_loss_factor(self.model_mean_type, snr, tables["posterior_mean_coef1"])
-            tables["min_snr_weight"] = np.minimum(snr, self.min_snr_gamma) / factor
+            tables["min_snr_weight"] = min_snr_weight(
+                self.model_mean_type, tables["snr"], tables["posterior_mean_coef1"],
+                self.min_snr_gamma)
         for name, table in tables.items():
             # Only eps -> x_0 divides by sqrt(alphas_bar), and eps is refused at zero SNR.
             eps_only = name in ("sqrt_recip_alphas_bar", "sqrt_recipm1_alphas_bar")

@@ -26,7 +26,7 @@ from typing import NamedTuple, Union
 import numpy as np
 import torch
 
-from ddpmkit.metrics.inception import tf32_disabled
+from ddpmkit.runtime.devices import tf32_disabled
 
 DEFAULT_NHOOD_SIZE = 3
 DEFAULT_ROW_BATCH_SIZE = 10000

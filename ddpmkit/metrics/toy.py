@@ -155,6 +155,18 @@ class ToyEvaluator:
         if reference_points is not None:
             self.kl_floor = self.kl(reference_points)
 
+    @classmethod
+    def for_dataset(cls, name: str, true_points, reference_points=None,
+                    bins: int = DEFAULT_BINS) -> ToyEvaluator:
+        """An evaluator for the toy dataset `name`: mode coverage with its mixture's modes and
+        std (none for swissroll, which has no modes)."""
+        from ddpmkit.data.toy import toy_mixture
+
+        mixture = toy_mixture(name)
+        return cls(true_points, reference_points, bins=bins,
+                   modes=None if mixture is None else mixture.modes,
+                   std=None if mixture is None else mixture.std)
+
     def kl(self, gen_points) -> float:
         x = _as_numpy(gen_points)
         q_counts = hist2d(x, self.bins, self.value_range)

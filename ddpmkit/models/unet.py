@@ -32,8 +32,9 @@ and prefixed every key with `_model.`; strip it to load such a checkpoint here).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -106,51 +107,23 @@ class UNet(nn.Module):
         self.size_divisor = block_size * 2 ** (levels - 1)
         temb_dim = time_embedding_dim or 4 * hid_channels
         eps, groups = group_norm_eps, num_groups
-
-        def block(in_ch: int, out_ch: int, attn: bool) -> nn.Module:
-            res = ResBlock(in_ch, out_ch, temb_dim, drop_rate, eps, groups)
-            return TimestepSequential(res, AttnBlock(out_ch, eps, groups)) if attn else res
+        block = functools.partial(_level_block, temb_dim=temb_dim, drop_rate=drop_rate, eps=eps,
+                                  groups=groups)
 
         self.embed = nn.Sequential(
             linear(hid_channels, temb_dim), nn.SiLU(), linear(temb_dim, temb_dim))
         self.in_conv = conv2d(in_channels * block_size ** 2, hid_channels, 3, padding=1)
-
-        # Down path; `skip_chs` records the channels of every activation the up path will reuse.
-        skip_chs: list[int] = [hid_channels]
-        ch = hid_channels
-        down: dict[str, nn.ModuleList] = {}
-        for i, mult in enumerate(ch_multipliers):
-            layers = []
-            for _ in range(num_res_blocks):
-                layers.append(block(ch, hid_channels * mult, apply_attn[i]))
-                ch = hid_channels * mult
-                skip_chs.append(ch)
-            if i != levels - 1:
-                layers.append(Downsample(ch))
-                skip_chs.append(ch)
-            down[f"level_{i}"] = nn.ModuleList(layers)
-        self.downsamples = nn.ModuleDict(down)
-
+        widths = [hid_channels * mult for mult in ch_multipliers]
+        self.downsamples, skip_chs = _down_path(hid_channels, widths, num_res_blocks, apply_attn,
+                                                block)
+        ch = widths[-1]  # the deepest level's
         self.middle = TimestepSequential(
             ResBlock(ch, ch, temb_dim, drop_rate, eps, groups),
             AttnBlock(ch, eps, groups),
             ResBlock(ch, ch, temb_dim, drop_rate, eps, groups),
         )
-
-        up: dict[str, nn.ModuleList] = {}
-        for i in reversed(range(levels)):
-            layers = []
-            for _ in range(num_res_blocks + 1):
-                layers.append(block(ch + skip_chs.pop(), hid_channels * ch_multipliers[i],
-                                    apply_attn[i]))
-                ch = hid_channels * ch_multipliers[i]
-            if i != 0:
-                layers.append(Upsample(ch))
-            up[f"level_{i}"] = nn.ModuleList(layers)
-        assert not skip_chs, "every down-path activation is consumed exactly once"
-        # Registered level_0 first, like the reference; forward walks them deepest first.
-        self.upsamples = nn.ModuleDict({f"level_{i}": up[f"level_{i}"] for i in range(levels)})
-
+        self.upsamples = _up_path(skip_chs, widths, num_res_blocks, apply_attn, block)
+        ch = widths[0]  # level 0's, where the up path ends
         self.out_conv = nn.Sequential(
             group_norm(ch, eps, groups),
             nn.SiLU(),
@@ -198,6 +171,55 @@ class UNet(nn.Module):
         if self.block_size > 1:
             h = F.pixel_shuffle(h, self.block_size)  # (B, out_channels, H, W)
         return h
+
+
+# Construction order below is the reference's: it fixes the order of the initial weight draws.
+def _level_block(in_ch: int, out_ch: int, attn: bool, temb_dim: int, drop_rate: float,
+                 eps: float, groups: int) -> nn.Module:
+    """One block of a level: a residual block, followed by self-attention where `attn`."""
+    res = ResBlock(in_ch, out_ch, temb_dim, drop_rate, eps, groups)
+    return TimestepSequential(res, AttnBlock(out_ch, eps, groups)) if attn else res
+
+
+def _down_path(hid_channels: int, widths: Sequence[int], num_res_blocks: int,
+               apply_attn: Sequence[bool], block: Callable[..., nn.Module]
+               ) -> tuple[nn.ModuleDict, list[int]]:
+    """The down path (level i: `num_res_blocks` blocks of widths[i] channels, then a
+    Downsample unless last) and the channels of every activation the up path will reuse."""
+    skip_chs: list[int] = [hid_channels]  # the input convolution's output first
+    ch = hid_channels
+    down: dict[str, nn.ModuleList] = {}
+    for i, width in enumerate(widths):
+        layers = []
+        for _ in range(num_res_blocks):
+            layers.append(block(ch, width, apply_attn[i]))
+            ch = width
+            skip_chs.append(ch)
+        if i != len(widths) - 1:
+            layers.append(Downsample(ch))
+            skip_chs.append(ch)
+        down[f"level_{i}"] = nn.ModuleList(layers)
+    return nn.ModuleDict(down), skip_chs
+
+
+def _up_path(skip_chs: list[int], widths: Sequence[int], num_res_blocks: int,
+             apply_attn: Sequence[bool], block: Callable[..., nn.Module]) -> nn.ModuleDict:
+    """The up path, deepest level first: `num_res_blocks + 1` blocks, each fed the
+    concatenation with one down-path activation (popped from `skip_chs`), then an Upsample
+    unless level 0."""
+    ch = widths[-1]
+    up: dict[str, nn.ModuleList] = {}
+    for i in reversed(range(len(widths))):
+        layers = []
+        for _ in range(num_res_blocks + 1):
+            layers.append(block(ch + skip_chs.pop(), widths[i], apply_attn[i]))
+            ch = widths[i]
+        if i != 0:
+            layers.append(Upsample(ch))
+        up[f"level_{i}"] = nn.ModuleList(layers)
+    assert not skip_chs, "every down-path activation is consumed exactly once"
+    # Registered level_0 first, like the reference; forward walks them deepest first.
+    return nn.ModuleDict({f"level_{i}": up[f"level_{i}"] for i in range(len(widths))})
 
 
 def _check_args(in_channels, hid_channels, out_channels, ch_multipliers, num_res_blocks,

@@ -1,9 +1,11 @@
-"""Device selection shared by every command: the device, the precision, compile modes."""
+"""Device selection shared by every command: the device, the precision, compile modes, and
+whether CUDA float32 arithmetic may use TF32."""
 
 import contextlib
 import functools
 import logging
 import platform
+from collections.abc import Iterator
 from typing import NamedTuple, Optional
 
 import torch
@@ -162,3 +164,45 @@ def inductor_freezing(enabled: bool):
     from torch._inductor import config as inductor_config
 
     return inductor_config.patch(freezing=True)
+
+
+@contextlib.contextmanager
+def _fp32_matmul_precision(tf32: bool) -> Iterator[None]:
+    """CUDA float32 matmuls and convolutions in TF32 or full precision inside the block."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        saved = (matmul.fp32_precision, conv.fp32_precision)
+        matmul.fp32_precision = conv.fp32_precision = "tf32" if tf32 else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = saved
+    else:  # older torch
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def tf32_enabled() -> Iterator[None]:
+    """TF32 matmuls and convolutions, and cuDNN autotuning, on CUDA inside the block (restored
+    afterwards)."""
+    saved_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        with _fp32_matmul_precision(tf32=True):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = saved_benchmark
+
+
+def tf32_disabled() -> contextlib.AbstractContextManager:
+    """Full float32 matmuls and convolutions on CUDA inside the block (restored afterwards).
+
+    TF32 keeps 10 mantissa bits; Inception features and the distance matrices would then differ
+    from the float32 reference implementations by far more than their own rounding.
+    """
+    return _fp32_matmul_precision(tf32=False)
