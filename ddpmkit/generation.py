@@ -1,7 +1,7 @@
 """Seeded, sharded, resumable sample generation: the library half of `ddpmkit generate`.
 
 Every sample is a pure function of (seed, global index): its starting noise x_T and the fresh
-noise of each stochastic step (DDPM, DDIM with eta > 0) come from a counter-based generator
+noise of each stochastic step (DDPM, DDIM with eta > 0, the SDE solvers) come from a counter-based generator
 keyed by the seed and addressed by (index, stream, position). So the set of images does not
 depend on the batch size, the number of processes, or which images a resumed run still had to
 make, and process r of W simply takes indices r, r + W, r + 2W, ... (no communication).

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "cifar10"
 # Steps when --steps / --subseq-size is not given (DDIM: the reference's --subseq-size default).
+# The other solvers take make_sampler's: 20 steps, heun 10 (19 network evaluations).
 DEFAULT_STEPS = {"ddim": 50, "dpm-solver++": 20}
 ANIMATION_FORMATS = ("webp", "gif")
 # Frames kept in an animation at most (DDPM has 1000 steps; a few seconds of video is enough).
@@ -68,8 +69,8 @@ BARRIER_TIMEOUT = timedelta(days=7)
 
 def build_parser() -> argparse.ArgumentParser:
     p = CLIParser(prog="ddpmkit generate",
-                description="Generate samples from a trained checkpoint (DDPM, DDIM or "
-                            "DPM-Solver++), one PNG per sample.")
+                description="Generate samples from a trained checkpoint (DDPM, DDIM, "
+                            "DPM-Solver++, UniPC, Heun, Euler ancestral), one PNG per sample.")
     p.add_argument("--dataset", choices=IMAGE_DATASETS, default=DEFAULT_DATASET,
                    help="dataset the model was trained on: names the output folder, and picks "
                         "configs/<dataset>.json for checkpoints without a config")
@@ -91,18 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_weights_flags(p, "use")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm: ancestral, all T steps; ddim: --steps of them, --eta noise; "
-                        "dpm-solver++: 2nd-order multistep ODE solver for 10-25 steps")
+                        "dpm-solver++ (2M), dpm-solver++3m, unipc2, unipc3: multistep ODE "
+                        "solvers for 10-25 steps; dpm-solver++2m-sde, euler-ancestral: "
+                        "stochastic; heun: 2nd order, 2 network calls per step (1 on the last)")
     p.add_argument("--use-ddim", action="store_true", help="same as --sampler ddim")
     p.add_argument("--steps", "--subseq-size", dest="steps", type=int, default=None,
-                   help="sampling steps for ddim (default 50) and dpm-solver++ (default 20); "
-                        "--subseq-size is the reference's name")
+                   help="sampling steps of every sampler but ddpm (default 50 for ddim, 10 "
+                        "for heun, 20 for the others); --subseq-size is the reference's name")
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise scale: 0 deterministic, 1 like DDPM")
     p.add_argument("--skip-schedule", choices=SKIP_SCHEDULES, default=None,
-                   help="how ddim / dpm-solver++ space their steps: linear (0, T/S, 2T/S, ...) "
+                   help="how ddim and the solvers space their steps: linear (0, T/S, 2T/S, ...) "
                    "and quadratic as the reference and the DDIM paper; linspace, leading, "
-                   "trailing as diffusers (default: linear for ddim, quadratic for "
-                   "dpm-solver++)")
+                   "trailing as diffusers; karras: Karras et al.'s rho = 7 (default: linear "
+                   "for ddim, quadratic over [0, T-1] for the solvers)")
     p.add_argument("--ddim-eps-from", choices=DDIM_EPS_SOURCES, default=None,
                    help="the eps a DDIM step uses once x_0 is clipped: re-derived from the "
                         "clipped x_0 (clipped, the default) or the network's own (model, as "
@@ -164,12 +167,12 @@ def check_args(args: argparse.Namespace, typed: set[str]) -> None:
         args.sampler = "ddim"
     if args.steps is not None:
         if args.sampler == "ddpm":
-            raise UserError("--steps / --subseq-size apply to ddim and dpm-solver++; ddpm uses "
-                            "all T steps")
+            raise UserError("--steps / --subseq-size apply to every sampler but ddpm, which "
+                            "uses all T steps")
         if args.steps < 1:
             raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.eta < 0:
-        raise UserError(f"--eta must be >= 0, got {args.eta}")
+    if not 0 <= args.eta < float("inf"):
+        raise UserError(f"--eta must be a finite number >= 0, got {args.eta}")
     weights_choice(args)
     if "eta" in typed and args.sampler != "ddim" and args.eta != 0:
         raise UserError(f"--eta applies to ddim only, not to {args.sampler}")
@@ -311,13 +314,16 @@ def _settings(args, path, weights, sampler, precision: str, shape) -> dict[str, 
 
     settings = {
         "checkpoint_sha256": checkpoint_digest(path), "use_ema": weights == "ema",
-        "sampler": args.sampler, "steps": len(sampler.timesteps), "eta": args.eta,
+        "sampler": args.sampler, "steps": getattr(sampler, "steps", len(sampler.timesteps)),
+        "eta": args.eta,
         "skip_schedule": args.skip_schedule, "seed": args.seed, "precision": precision,
         "image_shape": list(shape), "noise": NOISE_VERSION,
     }
     if args.sampler == "ddim":  # what `linear` means changed once: record the steps themselves
         settings.update(timesteps=sampler.timesteps.tolist(), ddim_eps_from=sampler.eps_from,
                         ddim_step_to=sampler.step_to)
+    elif args.sampler not in ("ddpm", "dpm-solver++"):  # (those two keep their old manifests)
+        settings.update(timesteps=sampler.timesteps.tolist())
     return settings
 
 

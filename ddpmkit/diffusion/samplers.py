@@ -154,8 +154,9 @@ def make_sampler(diffusion: GaussianDiffusion, name: str = "ddpm", steps: Option
     """Build a sampler by name (SAMPLERS). `steps` defaults to T for ddim, 10 for heun and 20
     for the other solvers; `skip_schedule` to linear for ddim and quadratic for the solvers.
     `eta`, `eps_from` and `step_to` are DDIM's (default 0, "clipped", "next"); other samplers
-    ignore `eta` and refuse the other two. The ODE solvers use the network's mean prediction only: a learned variance is
-    ignored, as a deterministic path has no use for it (DDPM is the sampler that uses it)."""
+    ignore `eta` and refuse the other two. The solvers use the network's mean prediction only:
+    a learned variance is well defined but unused (their paths fix the noise they add; DDPM is
+    the sampler that uses it)."""
     skip_schedule = skip_schedule or DEFAULT_SKIP_SCHEDULE.get(name, "quadratic")
     if not 0 <= eta < math.inf:
         raise ValueError(f"eta must be a finite number >= 0, got {eta}")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ddpmkit.devices import resolve_device
+from ddpmkit.schema import eval_sampler_name
 from ddpmkit.training.trainer import Callback, Trainer
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class FIDCallback(Callback):
         self.every = int(ev.get("intv") or 0)
         self.total = int(ev.get("total_size", 50000))
         self.batch = int(ev.get("batch_size", 256))
-        self.sampler_name = "ddim" if ev.get("use_ddim") else "ddpm"
+        self.sampler_name = eval_sampler_name(ev)
         self.steps = int(ev.get("subseq_size") or 0) or None
         self.skip_schedule = ev.get("skip_schedule", "linear")
         self.guidance_scale = float(ev.get("guidance_scale", 1.0))

@@ -25,6 +25,7 @@ from torch.utils.data import DistributedSampler
 from ddpmkit.build import build_diffusion
 from ddpmkit.devices import compile_mode, compile_module, resolve_device, resolve_precision
 from ddpmkit.errors import UserError, signal_name
+from ddpmkit.schema import eval_sampler_name
 from ddpmkit.training import distributed as dist_utils
 from ddpmkit.training.preemption import StopFlag, exit_code
 from ddpmkit.training.run_folder import RunFolder
@@ -301,7 +302,7 @@ def _callbacks(config, options, diffusion, device, folder: RunFolder) -> List[Ca
     shape = (ds["channels"], ds["resolution"], ds["resolution"])
     grid = SampleGrid(diffusion, shape, run_dirs(config)["images"], every=int(tr["image_intv"]),
                       num=int(tr["num_samples"]), seed=int(tr["seed"]) + GRID_SEED_OFFSET,
-                      sampler_name="ddim" if ev.get("use_ddim") else "ddpm",
+                      sampler_name=eval_sampler_name(ev),
                       steps=int(ev.get("subseq_size") or 0) or None,
                       skip_schedule=ev.get("skip_schedule", "linear"),
                       guidance_scale=float(ev.get("guidance_scale", 1.0)))
