@@ -100,13 +100,15 @@ def _dpm_scheduler(diffusion, mean_type, **config):
 @pytest.mark.parametrize("spacing", ["linspace", "karras"])
 @pytest.mark.parametrize("mean_type", ["eps", "x_0"])
 @pytest.mark.parametrize("S", [5, 10, 20])
-def test_dpm_solver_pp_3m_matches_diffusers_order_3(S, mean_type, spacing, float64_steps):
+@pytest.mark.parametrize("name,order", [("dpm-solver++3m", 3), ("dpm-solver++", 2)])
+def test_dpm_solver_pp_matches_diffusers_orders_2_and_3(name, order, S, mean_type, spacing,
+                                                        float64_steps):
     """S = 5, 10: below 15 steps the second-to-last step is second order (both); S = 20: third
     order up to the last step. karras: our timesteps are diffusers' (use_karras_sigmas); the
     sigmas there are the table's (see the module docstring)."""
     ours = _diffusion(mean_type)
-    sampler = make_sampler(ours, "dpm-solver++3m", steps=S, skip_schedule=spacing)
-    theirs = _dpm_scheduler(ours, mean_type, algorithm_type="dpmsolver++", solver_order=3,
+    sampler = make_sampler(ours, name, steps=S, skip_schedule=spacing)
+    theirs = _dpm_scheduler(ours, mean_type, algorithm_type="dpmsolver++", solver_order=order,
                             use_karras_sigmas=spacing == "karras")
     theirs.set_timesteps(S)
     np.testing.assert_array_equal(theirs.timesteps.numpy(), sampler.timesteps)
