@@ -130,3 +130,18 @@ def test_heun_evaluates_each_point_twice_but_the_first():
     np.testing.assert_array_equal(sampler.timesteps,
                                   [points[0], points[1], points[1], points[2], points[2],
                                    points[3], points[3]])
+
+
+def test_karras_spacing_for_ddim_and_the_solvers():
+    """DDIM takes S Karras timesteps (from T-1 to 0); so do the solvers, then clean data."""
+    from ddpmkit.diffusion.samplers import DDIMSampler
+    from ddpmkit.diffusion.schedules import karras_timesteps
+
+    d, _ = _setup()
+    expected = karras_timesteps(d.alphas_bar, 10)[::-1]
+    assert expected[0] == 999 and expected[-1] == 0
+    for name in ("ddim", "dpm-solver++3m", "unipc3", "euler-ancestral"):
+        sampler = make_sampler(d, name, steps=10, skip_schedule="karras")
+        np.testing.assert_array_equal(sampler.timesteps, expected)
+    with pytest.raises(ValueError, match="needs the noise schedule"):
+        DDIMSampler(1000, 10, 0.0, "karras")

@@ -174,6 +174,8 @@ def karras_timesteps(alphas_bar: np.ndarray, S: int, rho: float = KARRAS_RHO) ->
     move up by one. The samplers then use the table's sigma at each timestep, so the network
     sees the noise level it is evaluated at (diffusers keeps the unrounded sigmas instead).
     """
+    if alphas_bar is None:
+        raise ValueError("karras spacing needs the noise schedule (alphas_bar)")
     alphas_bar = np.asarray(alphas_bar, dtype=np.float64)
     T, S = _check_subsequence_size(len(alphas_bar), S)
     if S == 1:
