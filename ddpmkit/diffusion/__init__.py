@@ -10,6 +10,7 @@ from ddpmkit.diffusion.gaussian import (
     PMeanVar,
 )
 from ddpmkit.diffusion.guidance import classifier_free_guidance, guidance_combine
+from ddpmkit.diffusion.multistep import UniPCSampler
 from ddpmkit.diffusion.samplers import (
     DDIM_EPS_SOURCES,
     DDIM_STEP_TARGETS,
@@ -26,14 +27,17 @@ from ddpmkit.diffusion.schedules import (
     SKIP_SCHEDULES,
     ddim_timesteps,
     get_beta_schedule,
+    karras_timesteps,
     solver_timesteps,
 )
+from ddpmkit.diffusion.sigma_samplers import EulerAncestralSampler, HeunSampler
 
 __all__ = [
     "BETA_SCHEDULES", "DDIM_EPS_SOURCES", "DDIM_STEP_TARGETS", "DECODERS", "LOSS_TYPES",
     "MODEL_MEAN_TYPES", "MODEL_VAR_TYPES",
     "SAMPLERS", "SKIP_SCHEDULES", "BPDResult", "DDIMSampler", "DDPMSampler",
-    "DPMSolverPPSampler", "GaussianDiffusion", "PMeanVar", "StepInfo", "ddim_timesteps",
+    "DPMSolverPPSampler", "EulerAncestralSampler", "HeunSampler", "UniPCSampler",
+    "GaussianDiffusion", "PMeanVar", "StepInfo", "ddim_timesteps",
     "classifier_free_guidance", "get_beta_schedule", "guidance_combine", "make_sampler",
-    "sample", "solver_timesteps",
+    "karras_timesteps", "sample", "solver_timesteps",
 ]
