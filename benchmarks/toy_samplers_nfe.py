@@ -77,11 +77,9 @@ def row(name, nfe, steps, evaluator, x, seconds) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     betas = get_beta_schedule("linear", args.timesteps, beta_start=1e-4, beta_end=0.02)
     diffusion = GaussianDiffusion(betas, decoder="continuous")
-    with torch.enable_grad():
-        net = network(args, diffusion)
+    net = network(args, diffusion)  # `sample` runs without autograd
 
     g = toy_generator(args.seed + 1)
     mixture = toy_mixture(args.dataset)
