@@ -166,6 +166,8 @@ def validate(c: dict[str, Any]) -> None:
             raise UserError(f"{_flag(name)} must be in [0, 1), got {c[name]}")
     if c["steps"] is not None and c["steps"] <= 0:
         raise UserError(f"--steps must be positive, got {c['steps']}")
+    if c["eta"] != 0 and c["sampler"] != "ddim":
+        raise UserError(f"--eta applies to ddim only, not to {c['sampler']}")
     _validate_classes(c)
     if c["chkpt_path"] and not c["resume"]:
         raise UserError("--chkpt-path names the checkpoint to resume from: add --resume, or "
