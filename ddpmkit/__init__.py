@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "GaussianDiffusion": "ddpmkit.diffusion",
     "get_beta_schedule": "ddpmkit.diffusion",
+    "rescale_zero_terminal_snr": "ddpmkit.diffusion",
     "ddim_timesteps": "ddpmkit.diffusion",
     "make_sampler": "ddpmkit.diffusion",
     "sample": "ddpmkit.diffusion",

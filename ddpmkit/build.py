@@ -6,11 +6,14 @@ timesteps, model_mean_type, model_var_type, loss_type; and two of ddpmkit's own,
   diffusers scheduler's `trained_betas` or `sigmoid` schedule becomes);
 - `clip_denoised`: whether samplers clip the predicted x_0 to [-1, 1] (default: yes for images;
   a diffusers scheduler's `clip_sample`).
+The objective keys `loss_weight`, `min_snr_gamma` and `zero_terminal_snr` (rescale the betas,
+whatever their schedule, to zero terminal SNR) are absent from older checkpoints: their defaults
+reproduce what those trained.
 """
 
 from typing import Any, Dict
 
-from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule
+from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule, rescale_zero_terminal_snr
 from ddpmkit.errors import UserError
 
 DIFFUSION_DEFAULTS: Dict[str, Any] = {
@@ -21,12 +24,23 @@ DIFFUSION_DEFAULTS: Dict[str, Any] = {
     "model_mean_type": "eps",
     "model_var_type": "fixed-large",
     "loss_type": "mse",
+    "loss_weight": "uniform",
+    "min_snr_gamma": 5.0,
+    "zero_terminal_snr": False,
 }
 CUSTOM_SCHEDULE = "custom"
 
 
 def _betas(cfg: Dict[str, Any]):
-    """betas (T,) named by the section: a schedule, or the explicit `betas` list of `custom`."""
+    """betas (T,) named by the section, rescaled to zero terminal SNR when it asks."""
+    betas = schedule_betas(cfg)
+    return rescale_zero_terminal_snr(betas) if cfg["zero_terminal_snr"] is True else betas
+
+
+def schedule_betas(cfg: Dict[str, Any]):
+    """betas (T,) of the section's schedule, or the explicit `betas` list of `custom` (before
+    any zero-terminal-SNR rescaling)."""
+    cfg = {**DIFFUSION_DEFAULTS, **(cfg or {})}
     if cfg["beta_schedule"] != CUSTOM_SCHEDULE:
         return get_beta_schedule(cfg["beta_schedule"], cfg["timesteps"],
                                  beta_start=cfg["beta_start"], beta_end=cfg["beta_end"])
@@ -41,12 +55,15 @@ def build_diffusion(cfg: Dict[str, Any], decoder: str = "discretized") -> Gaussi
     """A GaussianDiffusion from a `diffusion` config section; bad values become UserError."""
     cfg = {**DIFFUSION_DEFAULTS, **(cfg or {})}
     clip = cfg.get("clip_denoised")
-    if clip is not None and not isinstance(clip, bool):
-        raise UserError(f"invalid diffusion settings: clip_denoised must be true or false, "
-                        f"got {clip!r}")
+    for name in ("clip_denoised", "zero_terminal_snr"):
+        if cfg.get(name) is not None and not isinstance(cfg[name], bool):
+            raise UserError(f"invalid diffusion settings: {name} must be true or false, "
+                            f"got {cfg[name]!r}")
     try:
         return GaussianDiffusion(_betas(cfg), model_mean_type=cfg["model_mean_type"],
                                  model_var_type=cfg["model_var_type"],
-                                 loss_type=cfg["loss_type"], decoder=decoder, clip_denoised=clip)
+                                 loss_type=cfg["loss_type"], decoder=decoder, clip_denoised=clip,
+                                 loss_weight=cfg["loss_weight"],
+                                 min_snr_gamma=cfg["min_snr_gamma"])
     except (ValueError, TypeError) as exc:
         raise UserError(f"invalid diffusion settings: {exc}") from exc

@@ -12,9 +12,11 @@ BETA_SCHEDULES = ("linear", "quad", "warmup10", "warmup50", "jsd", "cosine", "co
 # sigma = sqrt((1 - alphas_bar) / alphas_bar), rounded to timesteps (as diffusers'
 # use_karras_sigmas).
 SKIP_SCHEDULES = ("linear", "quadratic", "linspace", "leading", "trailing", "karras")
-MODEL_MEAN_TYPES = ("eps", "x_0", "mean")
+MODEL_MEAN_TYPES = ("eps", "x_0", "mean", "v")
 MODEL_VAR_TYPES = ("fixed-small", "fixed-large", "learned")
 LOSS_TYPES = ("mse", "kl")
+# How the MSE is weighted over t: "uniform" (DDPM eq. 14) or "min-snr" (Hang et al. 2023).
+LOSS_WEIGHTS = ("uniform", "min-snr")
 DECODERS = ("discretized", "continuous")
 # dpm-solver++ is the 2M solver; unipc2 / unipc3 are UniPC bh2 of order 2 / 3; heun costs two
 # network evaluations per step (one on its last step).
@@ -32,6 +34,8 @@ DDIM_STEP_TARGETS = ("next", "stride")
 # data (ddpmkit.data)
 IMAGE_DATASETS = ("mnist", "cifar10", "celeba", "celebahq", "folder")
 TOY_DATASETS = ("gaussian8", "gaussian25", "swissroll")
+# How a folder image reaches --image-size (ddpmkit.data.folder.ResizeTo).
+RESIZE_MODES = ("center-crop", "resize", "pad")
 
 # training and speed (ddpmkit.training, ddpmkit.devices)
 LR_DECAYS = ("none", "cosine", "linear")

@@ -23,16 +23,18 @@ from ddpmkit.choices import (
     COMPILE_MODES,
     IMAGE_DATASETS,
     LOSS_TYPES,
+    LOSS_WEIGHTS,
     MODEL_MEAN_TYPES,
     MODEL_VAR_TYPES,
     PRECISIONS,
+    RESIZE_MODES,
     SAMPLERS,
     SKIP_SCHEDULES,
 )
 from ddpmkit.errors import UserError
 
 # Kinds of values. "int" also takes a float with an integer value (1e3 in JSON).
-KINDS = ("int", "float", "bool", "str", "int_list", "bool_list", "str_list", "compile")
+KINDS = ("int", "float", "bool", "str", "int_list", "bool_list", "str_list", "compile", "size")
 
 # What the reference's files call a few things.
 DATASET_ALIASES = {"celeba_hq": "celebahq"}
@@ -80,9 +82,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
                     "~/datasets"),
         "split": Key("str", "split to train on (null: the dataset's training split)",
                      nullable=True),
-        "resolution": _int("image size (null: the dataset's own; required for `folder`)",
-                           low=1, nullable=True),
-        "channels": _int("image channels (null: the dataset's own)", low=1, nullable=True),
+        "resolution": Key("size", "image size: S for S x S, or [H, W] (null: the dataset's "
+                          "own; required for `folder`)", low=1, nullable=True),
+        "channels": _int("image channels, 1 or 3 (null: the dataset's own; for `folder`, 1 "
+                         "when every image is grayscale, else 3)", low=1, high=3,
+                         nullable=True),
+        "resize_mode": _choice("how `folder` images reach the image size: largest centred "
+                               "crop of its aspect, stretch, or fit with black bars",
+                               "center-crop", RESIZE_MODES),
+        "strict_images": _bool("refuse a `folder` holding files that cannot be decoded "
+                               "(else they are named and skipped)", False),
         "random_flip": _bool("random horizontal flips (null: the dataset's default)",
                              nullable=True),
         "download": _bool("download the dataset when it is missing", False),
@@ -98,9 +107,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "beta_start": _float("first beta (linear, quad, warmup schedules)", 1e-4, low=0,
                              high=1, low_open=True, high_open=True),
         "beta_end": _float("last beta", 0.02, low=0, high=1, low_open=True, high_open=True),
-        "model_mean_type": _choice("what the network predicts", "eps", MODEL_MEAN_TYPES),
+        "model_mean_type": _choice("what the network predicts (v: sqrt(alphas_bar) eps - "
+                                   "sqrt(1 - alphas_bar) x_0)", "eps", MODEL_MEAN_TYPES),
         "model_var_type": _choice("reverse-process variance", "fixed-large", MODEL_VAR_TYPES),
         "loss_type": _choice("training loss", "mse", LOSS_TYPES),
+        "loss_weight": _choice("weight of the MSE over t: uniform, or min-snr (Hang et al. 2023; "
+                               "see the README's objectives)", "uniform", LOSS_WEIGHTS),
+        "min_snr_gamma": _float("gamma of min-snr: the SNR above which the weight stops "
+                                "growing", 5.0, low=0, low_open=True),
+        "zero_terminal_snr": _bool("rescale the betas to zero SNR at t = T-1 (Lin et al. 2024; "
+                                   "not with model_mean_type eps: use v)", False),
     },
     "model": {
         "in_channels": _int("image channels the network takes", low=1),
@@ -259,7 +275,33 @@ def _kind_error(key: Key, value: Any) -> str | None:
     elif key.kind == "compile":
         if not isinstance(value, (bool, str)):
             return f"must be a compile mode, true or false, got {value!r}"
+    elif key.kind == "size":
+        if _size_error(value):
+            return f"must be an integer S or a list [H, W] of integers, got {value!r}"
     return None
+
+
+def _size_error(value: Any) -> bool:
+    sizes = value if isinstance(value, (list, tuple)) else [value]
+    return not 1 <= len(sizes) <= 2 or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in sizes)
+
+
+def parse_size(text: str) -> int | list[int]:
+    """`S` -> S; `H,W` (or `HxW`) -> [H, W] (S when H = W); anything else a ValueError."""
+    sizes = [int(p) for p in text.lower().replace("x", ",").replace(" ", "").split(",")]
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise ValueError(f"expected S or H,W (positive integers), got {text!r}")
+    return sizes[0] if len(set(sizes)) == 1 else sizes
+
+
+def size_hw(resolution: Any) -> tuple[int, int]:
+    """(H, W) of an image size written S, [S], or [H, W] (config and checkpoint values)."""
+    if _size_error(resolution):
+        raise UserError(f"an image size must be S or [H, W] (positive integers), got "
+                        f"{resolution!r}")
+    sizes = list(resolution) if isinstance(resolution, (list, tuple)) else [resolution]
+    return int(sizes[0]), int(sizes[-1])
 
 
 def _range_error(key: Key, value: Any) -> str | None:
@@ -294,6 +336,9 @@ def check_value(section: str, name: str, value: Any, source: str,
         raise UserError(f"{source}: {label} {problem}" if source else f"{label} {problem}")
     if key.kind == "int" and isinstance(value, float):
         return int(value)
+    if key.kind == "size" and isinstance(value, (list, tuple)):
+        height, width = size_hw(value)  # canonical: S for square sizes, else [H, W]
+        return height if height == width else [height, width]
     return value
 
 

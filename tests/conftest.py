@@ -21,6 +21,19 @@ def single_threaded():
         os.environ.pop("OMP_NUM_THREADS", None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory):
+    """Image-folder indexes are cached under $XDG_CACHE_HOME: the tests' go to a temporary
+    folder, never the user's cache."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Kept for the tests that ask for it by name (every test now runs single-threaded)."""

@@ -100,3 +100,30 @@ def test_toy_samplers_nfe_counts_heun_honestly(bench, capsys):
     assert [[c.strip() for c in r] for r in rows] == (
         [["ddpm", "100", "100"]] + [["heun", str(2 * s - 1), str(s)] for s in (3, 5, 10, 25)]
         + [["euler-ancestral", str(n), str(n)] for n in (5, 10, 20, 50)])
+
+
+def test_toy_objectives_compares_at_equal_updates(bench, capsys):
+    import toy_objectives
+
+    assert toy_objectives.main(["--updates", "4", "--eval-every", "2", "--batch-size", "16",
+                                "--num-points", "200", "--objectives", "eps", "v + min-SNR",
+                                "x_0"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "objective" not in line]
+    assert [(r[0].strip(), int(r[1])) for r in rows] == [
+        (name, step) for name in ("eps", "v + min-SNR", "x_0") for step in (2, 4)]
+
+
+def test_folder_loading_compares_with_torchvision(bench, tmp_path, capsys):
+    import folder_loading
+    import numpy as np
+    from PIL import Image
+
+    for i in range(4):
+        (tmp_path / "imgs" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / "a" /
+                                                                    f"{i}.png")
+    assert folder_loading.main(["--folder", str(tmp_path / "imgs"), "--image-size", "8",
+                                "--workers", "0", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "cached start (stat only)" in out and "| 0 |" in out and "x |" in out

@@ -168,7 +168,7 @@ def test_an_error_in_spawned_workers_is_one_line(tmp_path):
     assert not any(line.startswith("error: ") for line in lines[:-1])
 
 
-def test_a_corrupt_image_read_by_loader_workers_is_one_line(tmp_path, capsys):
+def test_a_corrupt_image_is_refused_with_strict_images_else_skipped(tmp_path, capsys):
     from PIL import Image
 
     folder = tmp_path / "photos"
@@ -177,9 +177,11 @@ def test_a_corrupt_image_read_by_loader_workers_is_one_line(tmp_path, capsys):
         Image.new("RGB", (32, 32), (i * 30, 0, 0)).save(folder / f"{i}.png")
     (folder / "8.png").write_bytes(b"not a png at all")
     args = ["--dataset", "folder", "--image-size", "32", "--root", str(folder), *TINY,
-            "--num-workers", "2", "--batch-size", "9", "--max-steps", "1",
+            "--num-workers", "2", "--batch-size", "8", "--max-steps", "1",
             "--num-save-images", "0", *run_args(tmp_path)]
-    one_line_error(capsys, train_main(args), "8.png")
+    # Undecodable files are found at start: refused with --strict-images, else skipped.
+    one_line_error(capsys, train_main([*args, "--strict-images"]), "8.png", "--strict-images")
+    assert train_main(args) == 0
 
 
 # ---- flags ----------------------------------------------------------------------------------

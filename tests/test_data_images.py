@@ -279,7 +279,7 @@ def test_folder_center_crop(tmp_path):
 
 def test_folder_flip_is_a_flag(tmp_path):
     pixels = np.zeros((4, 4, 3), dtype=np.uint8)
-    pixels[:, 0] = 255  # asymmetric
+    pixels[:, 0] = (255, 0, 0)  # asymmetric, and in color (three channels)
     Image.fromarray(pixels).save(tmp_path / "a.png")
     plain = build_dataset("folder", tmp_path, image_size=4)
     assert all(torch.equal(plain[0][0], plain[0][0].new_tensor(pixels).permute(2, 0, 1)

@@ -28,7 +28,7 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
               pytest.mark.usefixtures("one_thread")]
 
-MEAN_TO_PREDICTION = {"eps": "epsilon", "x_0": "sample"}
+MEAN_TO_PREDICTION = {"eps": "epsilon", "x_0": "sample", "v": "v_prediction"}
 
 
 
@@ -51,9 +51,9 @@ class GaussianData:
         def fn(x, t):
             a = self.ab[t].sqrt().view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
             b2 = 1 - a ** 2
-            if mean_type == "eps":  # E[eps | x_t]
-                return b2.sqrt() * (x - a * self.mu) / (a ** 2 * self.s ** 2 + b2)
-            return self.mu + a * self.s ** 2 * (x - a * self.mu) / (a ** 2 * self.s ** 2 + b2)
+            eps = b2.sqrt() * (x - a * self.mu) / (a ** 2 * self.s ** 2 + b2)  # E[eps | x_t]
+            x_0 = self.mu + a * self.s ** 2 * (x - a * self.mu) / (a ** 2 * self.s ** 2 + b2)
+            return {"eps": eps, "x_0": x_0, "v": a * eps - b2.sqrt() * x_0}[mean_type]
         return fn
 
 
@@ -94,7 +94,7 @@ def test_diffusers_tables_are_ours_to_float32():
 
 
 @pytest.mark.parametrize("clip", [False, True])
-@pytest.mark.parametrize("mean_type", ["eps", "x_0"])
+@pytest.mark.parametrize("mean_type", ["eps", "x_0", "v"])
 @pytest.mark.parametrize("var_type", ["fixed-small", "fixed-large"])
 def test_ddpm_chain_matches_ddpm_scheduler(var_type, mean_type, clip):
     T = 50
@@ -190,7 +190,8 @@ def _noises(n, shape):
     return [_x_T(shape, seed=1000 + i) for i in range(n)]
 
 
-@pytest.mark.parametrize("mean_type,clip", [("eps", False), ("x_0", False), ("eps", True)])
+@pytest.mark.parametrize("mean_type,clip", [("eps", False), ("x_0", False), ("eps", True),
+                                            ("v", False), ("v", True)])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_on_our_subsequence_matches_ddim_scheduler(eta, mean_type, clip):
     """Ours T=1000, S=10 linear is 0, 100, ..., 900; diffusers steps to t - T // S, the same
@@ -252,7 +253,7 @@ def test_ddim_in_float32_matches_ddim_scheduler():
 
 
 # ---- DPM-Solver++(2M) ---------------------------------------------------------------------------
-@pytest.mark.parametrize("mean_type", ["eps", "x_0"])
+@pytest.mark.parametrize("mean_type", ["eps", "x_0", "v"])
 @pytest.mark.parametrize("S", [10, 20, 25, 30])
 def test_dpm_solver_pp_matches_dpm_solver_multistep_scheduler(S, mean_type):
     """Ours evaluates ddim_timesteps(T, S + 1, "linspace") without 0, descending: diffusers'

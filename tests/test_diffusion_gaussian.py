@@ -23,7 +23,7 @@ from ddpmkit.diffusion.functions import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MEAN_TYPES = ("eps", "x_0", "mean")
+MEAN_TYPES = ("eps", "x_0", "mean", "v")
 VAR_TYPES = ("fixed-small", "fixed-large", "learned")
 LOSS_TYPES = ("mse", "kl")
 VALID_COMBOS = [(m, v, lo) for m in MEAN_TYPES for v in VAR_TYPES for lo in LOSS_TYPES
@@ -103,9 +103,11 @@ class Ref:
             pred_x_0 = (out - self.b(self.coef2[t], n) * x_t) / self.b(self.coef1[t], n)
             pred_x_0 = np.clip(pred_x_0, -1, 1) if clip else pred_x_0
         else:
+            ab = self.b(self.ab[t], n)
             if mean_type == "eps":
-                ab = self.b(self.ab[t], n)
                 pred_x_0 = (x_t - np.sqrt(1.0 - ab) * out) / np.sqrt(ab)
+            elif mean_type == "v":  # Salimans & Ho 2022, appendix D: x_0 = alpha z - sigma v
+                pred_x_0 = np.sqrt(ab) * x_t - np.sqrt(1.0 - ab) * out
             else:
                 pred_x_0 = out
             pred_x_0 = np.clip(pred_x_0, -1, 1) if clip else pred_x_0
@@ -315,7 +317,9 @@ def test_mse_loss_regresses_on_the_eq_14_target(betas, mean_type):
     loss = d.training_losses(fn, _t(x_0), _t(t), _t(noise))
     x_t = ref.q_sample(x_0, t, noise)
     out = fn(_t(x_t), _t(t)).numpy()
-    target = {"eps": noise, "x_0": x_0, "mean": ref.posterior_bayes(x_0, x_t, t)[0]}[mean_type]
+    ab = Ref.b(ref.ab[t], 4)
+    target = {"eps": noise, "x_0": x_0, "mean": ref.posterior_bayes(x_0, x_t, t)[0],
+              "v": np.sqrt(ab) * noise - np.sqrt(1 - ab) * x_0}[mean_type]
     assert loss.shape == (4,)
     _assert_close(loss, ((out - target) ** 2).mean(axis=(1, 2, 3)), 1e-10)
 
@@ -540,7 +544,7 @@ def test_mse_with_learned_variance_raises_naming_the_allowed_values(mean_type):
 
 
 @pytest.mark.parametrize("kwargs,choices", [
-    ({"model_mean_type": "v"}, MEAN_TYPES),
+    ({"model_mean_type": "velocity"}, MEAN_TYPES),
     ({"model_var_type": "fixed"}, VAR_TYPES),
     ({"loss_type": "l1"}, LOSS_TYPES),
     ({"decoder": "bernoulli"}, ("discretized", "continuous")),
@@ -551,7 +555,8 @@ def test_unknown_names_raise_listing_the_choices(kwargs, choices):
     assert all(choice in str(info.value) for choice in choices)
 
 
-@pytest.mark.parametrize("bad", [[0.1], [0.0, 0.1], [0.1, 1.0], [[0.1, 0.2]], [0.1, float("nan")]])
+@pytest.mark.parametrize("bad", [[0.1], [0.0, 0.1], [1.0, 0.1], [0.1, 1.5], [[0.1, 0.2]],
+                                 [0.1, float("nan")]])
 def test_bad_betas_raise(bad):
     with pytest.raises(ValueError):
         GaussianDiffusion(np.array(bad))

@@ -186,7 +186,7 @@ def _diffusers_chain(diffusion, spacing, S, fn, x_T, eta, noises, clip, clipped_
     scheduler = diffusers.DDIMScheduler(
         num_train_timesteps=diffusion.T, trained_betas=diffusion.betas, clip_sample=clip,
         set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing,
-        prediction_type={"eps": "epsilon", "x_0": "sample"}[mean_type])
+        prediction_type={"eps": "epsilon", "x_0": "sample", "v": "v_prediction"}[mean_type])
     scheduler.alphas_cumprod = torch.from_numpy(diffusion.alphas_bar.copy())  # float64 tables
     scheduler.set_timesteps(S)
     assert len(scheduler.timesteps) == S
@@ -219,7 +219,7 @@ def test_ddim_chain_equals_diffusers_with_the_switches_set(spacing, S, eta, clip
     assert (ours - x_T).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("mean_type", ["eps", "x_0"])
+@pytest.mark.parametrize("mean_type", ["eps", "x_0", "v"])
 @pytest.mark.parametrize("spacing", ["leading", "linspace"])
 def test_clipped_eps_equals_diffusers_use_clipped_model_output(spacing, mean_type):
     T, S = 1000, 20

@@ -249,9 +249,9 @@ def test_an_unmappable_hub_model_is_refused_before_its_weights_download(tmp_path
     hub = pytest.importorskip("huggingface_hub")
 
     save_model_folder(tmp_path / "remote", TINY,
-                      {**SCHEDULER_CIFAR10, "prediction_type": "v_prediction"})
+                      {**SCHEDULER_CIFAR10, "thresholding": True})
     fake = FakeHub(tmp_path / "remote", tmp_path)
     monkeypatch.setattr(hub, "snapshot_download", fake)
-    with pytest.raises(UserError, match="v_prediction"):
+    with pytest.raises(UserError, match="thresholding"):
         resolve_checkpoint(HUB_ID)
     assert [patterns for _, patterns in fake.calls] == [None, ["*.json"]]

@@ -27,7 +27,11 @@ from interop_helpers import (
 from ddpmkit import make_sampler, sample
 from ddpmkit.build import build_diffusion
 from ddpmkit.errors import UserError
-from ddpmkit.interop.diffusers_format import model_config_from_unet, state_dict_from_diffusers
+from ddpmkit.interop.diffusers_format import (
+    model_config_from_unet,
+    state_dict_from_diffusers,
+    unet_config_from_model,
+)
 from ddpmkit.interop.diffusers_scheduler import diffusion_config_from_scheduler
 from ddpmkit.models.loading import load_model_from_checkpoint
 from ddpmkit.models.unet import build_model, count_parameters
@@ -54,6 +58,20 @@ def test_folder_gives_the_same_network_output(tmp_path, config, one_thread):
     assert theirs.abs().mean() > 0.1  # O(1) weights: the output depends on every layer
     assert rel_error(ours, theirs) < 1e-5
     assert cfg["model"]["group_norm_eps"] == 1e-6 and cfg["dataset"]["resolution"] == size
+
+
+def test_non_square_one_channel_folder_round_trips(tmp_path, one_thread):
+    """sample_size [H, W] and one channel: the same network output as diffusers', the size read
+    as ddpmkit's [H, W] resolution, and written back as [H, W] by the exporter's mapping."""
+    config = {**TINY, "sample_size": [8, 16], "in_channels": 1, "out_channels": 1}
+    unet = save_model_folder(tmp_path, config)
+    model, cfg = load_model_from_checkpoint(str(tmp_path))
+    ours, theirs = _outputs(unet, model, (1, 8, 16))
+    assert ours.shape == (len(TIMESTEPS), 1, 8, 16) and theirs.abs().mean() > 0.1
+    assert rel_error(ours, theirs) < 1e-5
+    assert cfg["dataset"]["resolution"] == [8, 16] and cfg["dataset"]["channels"] == 1
+    assert unet_config_from_model(cfg["model"], [8, 16])["sample_size"] == [8, 16]
+    assert unet_config_from_model(cfg["model"], [8, 8])["sample_size"] == 8
 
 
 @pytest.mark.parametrize("config", [TINY_32, TINY_256], ids=["32px", "256px"])
@@ -304,7 +322,7 @@ def test_ddim_50_matches_ddimpipeline_with_the_parity_switches(tmp_path, monkeyp
     ({"out_channels": 6}, "out_channels"),
     ({"attn_norm_num_groups": 4}, "attn_norm_num_groups"),
     ({"_class_name": "UNet2DConditionModel"}, "UNet2DConditionModel"),
-    ({"sample_size": [8, 16]}, "sample_size"),
+    ({"sample_size": [8, 16, 4]}, "sample_size"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_unmappable_unet_configs_are_refused_in_one_line(change, key):
     with pytest.raises(UserError) as info:
@@ -325,7 +343,6 @@ def test_omitted_keys_take_diffusers_defaults():
 @pytest.mark.parametrize("change, key", [
     ({"variance_type": "learned_range"}, "learned_range"),
     ({"variance_type": "learned"}, "learned"),
-    ({"prediction_type": "v_prediction"}, "v_prediction"),
     ({"thresholding": True}, "thresholding"),
     ({"clip_sample_range": 2.0}, "clip_sample_range"),
     ({"beta_schedule": "laplace"}, "laplace"),
@@ -363,9 +380,9 @@ def _break(folder, how):
         (folder / "model_index.json").write_text(json.dumps({
             "_class_name": "LDMPipeline", "unet": ["diffusers", "UNet2DModel"],
             "vqvae": ["diffusers", "VQModel"], "scheduler": ["diffusers", "DDIMScheduler"]}))
-    elif how == "v-prediction scheduler":
+    elif how == "thresholding scheduler":
         (folder / "scheduler_config.json").write_text(json.dumps(
-            {**SCHEDULER_CIFAR10, "prediction_type": "v_prediction"}))
+            {**SCHEDULER_CIFAR10, "thresholding": True}))
 
 
 @pytest.mark.parametrize("how, expect", [
@@ -376,7 +393,7 @@ def _break(folder, how):
     ("corrupt weights", "safetensors"),
     ("missing tensor", "to_k.weight"),
     ("latent pipeline", "vqvae"),
-    ("v-prediction scheduler", "v_prediction"),
+    ("thresholding scheduler", "thresholding"),
 ])
 def test_bad_folders_are_one_line_errors(tmp_path, how, expect):
     save_model_folder(tmp_path)

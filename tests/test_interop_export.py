@@ -236,3 +236,28 @@ def test_export_of_a_bare_state_dict_takes_the_architecture_from_a_config(tmp_pa
                         "--config-path", str(tmp_path / "tiny.json")]) == 0
     loaded, _ = load_model_from_checkpoint(str(out))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("schedule", [{"beta_schedule": "linear"}, {"beta_schedule": "jsd"}])
+def test_v_models_with_zero_terminal_snr_export_and_import(tmp_path, one_thread, schedule):
+    """v as prediction_type v_prediction, zero terminal SNR as rescale_betas_zero_snr (a
+    custom schedule's trained_betas written before the rescaling diffusers applies to them);
+    DDPMPipeline samples what ddpmkit does, and the folder imports back to the same config."""
+    config = tiny_config()
+    config["diffusion"].update(schedule, model_mean_type="v", model_var_type="fixed-small",
+                               zero_terminal_snr=True)
+    _, avg = _checkpoint(tmp_path / "c.pt", config)
+    export_checkpoint(str(tmp_path / "c.pt"), str(tmp_path / "out"), "diffusers")
+    scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["prediction_type"], scheduler["rescale_betas_zero_snr"]) == \
+        ("v_prediction", True)
+    diffusion = build_diffusion(config["diffusion"])
+    assert diffusion.alphas_bar[-1] == 0
+    theirs = diffusers.DDPMScheduler.from_pretrained(str(tmp_path / "out" / "scheduler"))
+    np.testing.assert_allclose(theirs.alphas_cumprod.numpy(), diffusion.alphas_bar,
+                               rtol=2e-5, atol=1e-7)  # diffusers' tables are float32
+    assert ddpm_pipeline_gap(tmp_path / "out", avg, diffusion) < 1e-4
+    _, imported = load_model_from_checkpoint(str(tmp_path / "out"))
+    again = build_diffusion(imported["diffusion"])
+    assert (again.model_mean_type, again.zero_terminal_snr) == ("v", True)
+    np.testing.assert_allclose(again.alphas_bar, diffusion.alphas_bar, rtol=1e-12, atol=1e-15)

@@ -73,6 +73,24 @@ def add_speed_flags(group, what: str) -> None:
                             "(MODE defaults to default)")
 
 
+def add_objective_flags(group, loss_weight: str, min_snr_gamma: float,
+                        zero_terminal_snr: bool) -> None:
+    """`--loss-weight`, `--min-snr-gamma` and `--(no-)zero-terminal-snr`, shared by train and
+    train-toy (each passes its defaults)."""
+    from ddpmkit.choices import LOSS_WEIGHTS
+
+    group.add_argument("--loss-weight", choices=LOSS_WEIGHTS, default=loss_weight,
+                       help="weight of the MSE over t: uniform (DDPM), or min-snr (Hang et al. "
+                            "2023: min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x_0, "
+                            "min(SNR, gamma) / (SNR + 1) for v)")
+    group.add_argument("--min-snr-gamma", type=float, default=min_snr_gamma,
+                       help=f"gamma of --loss-weight min-snr (default {min_snr_gamma:g})")
+    group.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction,
+                       default=zero_terminal_snr,
+                       help="rescale the betas to zero SNR at the last step (Lin et al. 2024, "
+                            "Algorithm 1); not with --model-mean-type eps (use v)")
+
+
 def add_weights_flags(group, what: str = "use") -> None:
     """`--use-ema`, `--no-ema` and `--group-norm-eps`: which weights of a checkpoint to take,
     shared by generate and eval (`weights_choice` reads them back)."""

@@ -28,7 +28,7 @@ from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("mnist", "cifar10", "celeba", "celebahq")
+DATASETS = ("mnist", "cifar10", "celeba", "celebahq", "folder")  # folder: --root is it
 METRIC_CHOICES = ("fid", "pr", "kid", "is", "bpd")
 METRICS_FILE = "metrics.jsonl"
 # what each result key is called when printed
@@ -222,7 +222,7 @@ def bits_per_dim(args: argparse.Namespace, device, progress: bool) -> dict:
 
     from ddpmkit.build import build_diffusion
     from ddpmkit.config import find_config_file, load_json
-    from ddpmkit.data.images import build_dataset
+    from ddpmkit.data.images import FolderOptions, build_dataset
     from ddpmkit.metrics.bpd import dataset_bpd
     from ddpmkit.metrics.folder import choose_subset
     from ddpmkit.models.loading import load_model_from_checkpoint
@@ -240,9 +240,11 @@ def bits_per_dim(args: argparse.Namespace, device, progress: bool) -> dict:
     model, config = load_model_from_checkpoint(args.chkpt_path, fallback, use_ema, device,
                                                group_norm_eps=args.group_norm_eps)
     diffusion = build_diffusion(config["diffusion"], decoder="discretized")
+    data = config.get("dataset") or {}
+    folder = FolderOptions.from_config(data) if args.dataset == "folder" else None
     dataset = build_dataset(args.dataset, args.root, split=args.bpd_split,
-                            image_size=config.get("dataset", {}).get("resolution"),
-                            random_flip=False, download=args.download)
+                            image_size=data.get("resolution"), random_flip=False,
+                            download=args.download, folder=folder)
     subset = choose_subset(len(dataset), args.eval_total_size, args.seed)
     if subset is not None:
         dataset = Subset(dataset, subset.tolist())

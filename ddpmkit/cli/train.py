@@ -21,10 +21,17 @@ from ddpmkit.choices import (
     MODEL_MEAN_TYPES,
     MODEL_VAR_TYPES,
     PRECISIONS,
+    RESIZE_MODES,
     SAMPLERS,
     SKIP_SCHEDULES,
 )
-from ddpmkit.cli import CLIParser, add_speed_flags, run_guarded, setup_logging
+from ddpmkit.cli import (
+    CLIParser,
+    add_objective_flags,
+    add_speed_flags,
+    run_guarded,
+    setup_logging,
+)
 from ddpmkit.config import (
     PACKAGE_CONFIG_DIR,
     deep_update,
@@ -41,6 +48,9 @@ FLAG_TO_CONFIG = {
     "dataset": ("dataset", "name"),
     "root": ("dataset", "root"),
     "image_size": ("dataset", "resolution"),
+    "channels": ("dataset", "channels"),
+    "resize_mode": ("dataset", "resize_mode"),
+    "strict_images": ("dataset", "strict_images"),
     "random_flip": ("dataset", "random_flip"),
     "download": ("dataset", "download"),
     "num_workers": ("dataset", "num_workers"),
@@ -52,6 +62,9 @@ FLAG_TO_CONFIG = {
     "model_mean_type": ("diffusion", "model_mean_type"),
     "model_var_type": ("diffusion", "model_var_type"),
     "loss_type": ("diffusion", "loss_type"),
+    "loss_weight": ("diffusion", "loss_weight"),
+    "min_snr_gamma": ("diffusion", "min_snr_gamma"),
+    "zero_terminal_snr": ("diffusion", "zero_terminal_snr"),
     "block_size": ("model", "block_size"),
     "hid_channels": ("model", "hid_channels"),
     "ch_multipliers": ("model", "ch_multipliers"),
@@ -103,6 +116,14 @@ def _int_list(text: str) -> List[int]:
             f"expected comma-separated integers, got {text!r}") from None
 
 
+def _image_size(text: str):
+    try:
+        return schema.parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected S or H,W (positive integers, e.g. 32 or 16,32), got {text!r}") from None
+
+
 def _bool_list(text: str) -> List[bool]:
     return [bool(v) for v in _int_list(text)]
 
@@ -123,8 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset (default: the config file's, else cifar10)")
     g.add_argument("--root", default=_d("dataset", "root"), help="root directory of datasets "
                    "(for --dataset folder: the image folder)")
-    g.add_argument("--image-size", type=int, default=None,
-                   help="image resolution (default: the dataset's; required for folder)")
+    g.add_argument("--image-size", type=_image_size, default=None,
+                   help="image size S (square) or H,W (default: the dataset's; required for "
+                        "folder)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="folder: model channels (default: 1 when every image is grayscale, "
+                        "else 3; stated in the log)")
+    g.add_argument("--resize-mode", choices=RESIZE_MODES, default=_d("dataset", "resize_mode"),
+                   help="folder: center-crop (largest centred crop of the size's aspect, then "
+                        "resize), resize (stretch) or pad (fit, black bars)")
+    g.add_argument("--strict-images", action="store_true",
+                   help="folder: refuse files that cannot be decoded instead of naming and "
+                        "skipping them")
     g.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: the dataset's)")
     g.add_argument("--split", default=None, help="dataset split to train on (default: the "
@@ -146,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-var-type", choices=MODEL_VAR_TYPES,
                    default=_d("diffusion", "model_var_type"))
     g.add_argument("--loss-type", choices=LOSS_TYPES, default=_d("diffusion", "loss_type"))
+    add_objective_flags(g, _d("diffusion", "loss_weight"), _d("diffusion", "min_snr_gamma"),
+                        _d("diffusion", "zero_terminal_snr"))
 
     g = p.add_argument_group("model (defaults come from the config file)")
     g.add_argument("--block-size", type=int, default=_d("model", "block_size"),
@@ -307,13 +340,14 @@ def _config_name(args: argparse.Namespace) -> str:
     if name != "folder" or args.config_path:
         return name
     if not args.image_size:
-        raise UserError("--dataset folder needs --image-size N (and optionally "
+        raise UserError("--dataset folder needs --image-size S or H,W (and optionally "
                         "--config-path FILE for the network)")
-    by_size = {32: "cifar10", 64: "celeba", 256: "celebahq"}
-    if args.image_size not in by_size:
-        raise UserError(f"no shipped config for {args.image_size}x{args.image_size} images: "
-                        "pass --config-path FILE (see configs/ for the schema)")
-    return by_size[args.image_size]
+    height, width = schema.size_hw(args.image_size)
+    by_size = {32: "cifar10", 64: "celeba", 256: "celebahq"}  # by the longer side
+    if max(height, width) not in by_size:
+        raise UserError(f"no shipped config for {height}x{width} images (shipped: longer side "
+                        "32, 64 or 256): pass --config-path FILE (see configs/ for the schema)")
+    return by_size[max(height, width)]
 
 
 def _file_config(args: argparse.Namespace) -> Dict[str, Any]:
@@ -351,7 +385,12 @@ def resolve_config(args: argparse.Namespace, typed: Set[str],
     config = deep_update(deep_update(schema.defaults(), file_cfg), _typed_flags(args, typed))
     config["dataset"]["name"] = dataset
     if dataset == "folder":
-        config["dataset"]["resolution"] = args.image_size
+        if file_dataset != "folder" and "channels" not in typed:
+            # The file's image channels are another dataset's: the folder decides.
+            config["dataset"]["channels"] = None
+            config["model"].pop("in_channels", None)
+        config["dataset"]["resolution"] = schema.check_value("dataset", "resolution",
+                                                             args.image_size, "", "--image-size")
     config["eval"].setdefault("intv", None)
     if config["eval"]["intv"] is None:
         config["eval"]["intv"] = config["train"]["chkpt_intv"] or None
@@ -375,7 +414,7 @@ def validate_config(config: Dict[str, Any]) -> None:
         raise UserError(f"--batch-size {train['batch_size']} must be divisible by --num-accum "
                         f"{train['num_accum']}")
     if config["dataset"]["name"] == "folder" and not config["dataset"].get("resolution"):
-        raise UserError("--dataset folder needs --image-size N")
+        raise UserError("--dataset folder needs --image-size S or H,W")
     schema.eval_sampler_name(config["eval"])
 
 

@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from ddpmkit.choices import BETA_SCHEDULES, SAMPLERS, TOY_DATASETS
-from ddpmkit.cli import CLIParser
+from ddpmkit.cli import CLIParser, add_objective_flags
 from ddpmkit.config import parse_with_explicit
 from ddpmkit.errors import UserError
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="linear")
     p.add_argument("--beta-start", type=float, default=0.001)
     p.add_argument("--beta-end", type=float, default=0.2)
-    p.add_argument("--model-mean-type", choices=("mean", "x_0", "eps"), default="eps")
+    p.add_argument("--model-mean-type", choices=("mean", "x_0", "eps", "v"), default="eps")
     p.add_argument("--model-var-type", choices=("learned", "fixed-small", "fixed-large"),
                    default="fixed-large")
     p.add_argument("--loss-type", choices=("kl", "mse"), default="mse")
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --class-cond: guidance scale w of the evaluation samples, "
                         f"eps = (1 + w) eps(x_t, y) - w eps(x_t, no class) (default "
                         f"{DEFAULT_TOY_GUIDANCE_SCALE:g})")
+    add_objective_flags(p, "uniform", 5.0, False)
     p.add_argument("--log-every", type=int, default=100, help="steps between JSONL log records")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -150,7 +151,7 @@ def validate(c: dict[str, Any]) -> None:
             raise UserError(f"{_flag(name)} must be a finite number, got {value}")
     for name in ("size", "epochs", "lr", "batch_size", "timesteps", "mid_features",
                  "eval_intv", "chkpt_intv", "num_eval_samples", "num_interim_samples",
-                 "log_every"):
+                 "log_every", "min_snr_gamma"):
         if c[name] is None or c[name] <= 0:
             raise UserError(f"{_flag(name)} must be positive, got {c[name]}")
     for name in ("num_temporal_layers", "lr_warmup", "grad_clip", "fourier_features",

@@ -10,53 +10,60 @@ reference project (and DDPM, Ho et al. 2020, appendix B):
 | `cifar10`  | cifar-10-batches-py/{data_batch_1..5,test_batch}   | random horizontal flip         |
 | `celeba`   | celeba/img_align_celeba/*.jpg + list_eval_partition.txt | crop 148 at (40,15), resize 64 |
 | `celebahq` | celeba_hq/img_celeba_hq/*.png (256x256)            | random horizontal flip         |
-| `folder`   | ROOT itself: any tree of .png/.jpg/.jpeg/.bmp/.webp | center crop, resize --image-size    |
+| `folder`   | ROOT itself: any tree of images (`data.folder`)    | --resize-mode to --image-size  |
 
 MNIST and CIFAR-10 are small and are held in memory as uint8 tensors; the others are decoded
 from files per item (use worker processes). Resizing uses PIL's antialiased bilinear filter
 (what torchvision's `Resize` does on PIL images) for the reference datasets and bicubic for
-`folder`. Random flips draw from torch's RNG, which DataLoader seeds per worker from its
-`generator`, so a seeded loader gives the same flips every run.
+`folder` and `celebahq`. Folders of any mode, size and aspect, their conversion rules and their
+checked, cached file index are in `ddpmkit.data.folder`. Random flips draw from torch's RNG,
+which DataLoader seeds per worker from its `generator`, so a seeded loader gives the same flips
+every run.
 
-The MNIST reader is our own (IDX format: big-endian magic 0x0000TTNN, TT the element type, NN
-the number of dims, then NN big-endian uint32 sizes, then the data): torchvision's MNIST class
-refuses a directory that lacks one of the four files.
+The file readers (IDX for MNIST, safely unpickled CIFAR-10 batches, CelebA's partition list)
+are in `ddpmkit.data.readers`.
 """
 
 from __future__ import annotations
 
-import codecs
-import gzip
+import functools
 import logging
-import math
 import os
-import pickle
-import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ddpmkit.data.folder import (
+    IMAGE_EXTENSIONS,
+    ResizeTo,
+    build_index,
+    pin_files,
+    report_bad_files,
+    to_channels,
+)
+from ddpmkit.data.readers import (  # noqa: F401  (read_idx: part of this module's API)
+    read_celeba_partition,
+    read_cifar_batch,
+    read_idx,
+    resize_uint8,
+)
 from ddpmkit.errors import UserError
+from ddpmkit.schema import size_hw
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "~/datasets"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 # The reference's CelebA crop of the 178x218 aligned faces: (left, top, right, bottom).
 CELEBA_CROP_BOX = (15, 40, 15 + 148, 40 + 148)
 CELEBA_SPLITS = {"train": 0, "valid": 1, "test": 2}
 # Batches per worker kept in flight; 2 (torch's default) starves fast GPUs on small images.
 PREFETCH_FACTOR = 4
-
-# IDX element types (third magic byte) -> big-endian numpy dtype.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,25 +118,13 @@ class CropResize:
         return image
 
 
-class CenterCropResize:
-    """PIL transform: the largest centred square, resized to size x size."""
-
-    def __init__(self, size: int, resample: int = Image.BICUBIC):
-        self.size, self.resample = size, resample
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        w, h = image.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        return CropResize(self.size, (left, top, left + side, top + side), self.resample)(image)
-
-
 class FileImageDataset(Dataset):
     """Images decoded from files per item: root + relative paths, one label per file."""
 
     def __init__(self, root: str, files: Sequence[str], labels: Sequence[int],
                  transform: Callable[[Image.Image], Image.Image], channels: int = 3,
-                 random_flip: bool = False):
+                 random_flip: bool = False,
+                 convert: Callable[[Image.Image], Image.Image] | None = None):
         if len(files) != len(labels):
             raise ValueError("files and labels must have the same length")
         if channels not in (1, 3):
@@ -142,6 +137,8 @@ class FileImageDataset(Dataset):
         self.transform = transform
         self.mode = "L" if channels == 1 else "RGB"
         self.random_flip = random_flip
+        # To the model's mode: PIL's plain conversion unless a rule set is given (folders').
+        self.convert = convert or functools.partial(Image.Image.convert, mode=self.mode)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -151,7 +148,7 @@ class FileImageDataset(Dataset):
         path = os.path.join(self.root, str(self.files[index]))
         try:
             with Image.open(path) as image:
-                image = self.transform(image.convert(self.mode))
+                image = self.transform(self.convert(image))
         except OSError as exc:  # missing file, truncated or undecodable image
             raise UserError(f"cannot read image {path}: {exc}") from exc
         array = np.array(image, dtype=np.uint8)  # (H, W) or (H, W, C); a writable copy
@@ -165,109 +162,37 @@ class FileImageDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------
-# File readers
-
-
-def read_idx(path: str) -> np.ndarray:
-    """Read an IDX file (gzip-compressed or raw, detected from its first bytes) into an array."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if data[:2] == _GZIP_MAGIC:
-            data = gzip.decompress(data)
-    except (OSError, EOFError) as exc:
-        raise UserError(f"cannot read IDX file {path}: {exc}") from exc
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise UserError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
-    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise UserError(f"IDX file {path} is truncated (header)")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + math.prod(dims) * dtype.itemsize
-    if len(data) != expected:
-        raise UserError(f"IDX file {path} has {len(data)} bytes; its header {dims} implies "
-                        f"{expected}: the file is truncated or corrupt")
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
-    return array.astype(dtype.newbyteorder("="))
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickler for CIFAR-10 batches that refuses every global except numpy's array
-    reconstruction, so a tampered file cannot run code."""
-
-    # Looked up through numpy itself rather than by module path: numpy 2 renamed numpy.core
-    # (the path recorded in the files) to numpy._core and warns on the old name.
-    _ALLOWED: ClassVar[dict[tuple[str, str], Callable]] = {
-        ("numpy.core.multiarray", "_reconstruct"): np.ndarray((0,)).__reduce__()[0],
-        ("numpy._core.multiarray", "_reconstruct"): np.ndarray((0,)).__reduce__()[0],
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        # Protocol-2 pickles written by Python 3 (re-saved copies) rebuild bytes with this.
-        ("_codecs", "encode"): codecs.encode,
-    }
-
-    def find_class(self, module: str, name: str):
-        try:
-            return self._ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"global {module}.{name} is not allowed in a CIFAR batch") from None
-
-
-def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """One `cifar-10-batches-py` batch -> images uint8 (N, 3, 32, 32), labels int64 (N,)."""
-    try:
-        with open(path, "rb") as f:
-            entry = _CifarUnpickler(f, encoding="bytes").load()
-        data = np.asarray(entry[b"data"], dtype=np.uint8)
-        labels = np.asarray(entry.get(b"labels", entry.get(b"fine_labels")), dtype=np.int64)
-        images = data.reshape(-1, 3, 32, 32)
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError,
-            AttributeError) as exc:
-        raise UserError(f"cannot read CIFAR-10 batch {path}: {exc}") from exc
-    if images.shape[0] != labels.shape[0]:
-        raise UserError(f"CIFAR-10 batch {path} has {images.shape[0]} images but "
-                        f"{labels.shape[0]} labels")
-    return images, labels
-
-
-def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 (N, C, H, W) images to (N, C, size, size) with PIL bilinear (antialiased),
-    as torchvision's `Resize` does; a no-op at the right size."""
-    if images.shape[2:] == (size, size):
-        return images
-    out = np.empty(images.shape[:2] + (size, size), dtype=np.uint8)
-    for i, image in enumerate(images):
-        hwc = image.transpose(1, 2, 0)
-        pil = Image.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc)
-        resized = np.asarray(pil.resize((size, size), Image.BILINEAR))
-        out[i] = resized[None] if resized.ndim == 2 else resized.transpose(2, 0, 1)
-    return out
-
-
-def find_images(folder: str) -> list[str]:
-    """Relative paths of every image file under `folder` (recursive, sorted, hidden skipped)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(dirpath, name), folder))
-    return found
-
-
-# --------------------------------------------------------------------------------------------
 # Dataset builders: each finds its files under `root` or returns None (then the registry
 # downloads or reports what it looked for).
+
+
+@dataclass(frozen=True)
+class FolderOptions:
+    """How a `folder` dataset reads its images (see `ddpmkit.data.folder`)."""
+
+    channels: int | None = None  # None: 1 when every image is grayscale, else 3
+    resize_mode: str = "center-crop"
+    strict_images: bool = False
+    files: tuple[str, ...] | None = None  # a resumed run's files (None: all that decode)
+    report: bool = True  # name the undecodable files (training did so once already: False)
+
+    @classmethod
+    def from_config(cls, dataset: Mapping[str, Any], files: Sequence[str] | None = None
+                    , report: bool = True) -> FolderOptions:
+        """The options a (resolved) config's `dataset` section records."""
+        return cls(channels=dataset.get("channels"),
+                   resize_mode=dataset.get("resize_mode") or "center-crop",
+                   strict_images=bool(dataset.get("strict_images")),
+                   files=None if files is None else tuple(files), report=report)
 
 
 @dataclass(frozen=True)
 class _Request:
     root: str
     split: str
-    resolution: int
+    resolution: tuple[int, int]  # (H, W)
     random_flip: bool
+    folder: FolderOptions | None = None
 
 
 def _first_existing(paths: Sequence[str], predicate: Callable[[str], bool]) -> str | None:
@@ -306,7 +231,7 @@ def _load_mnist(req: _Request) -> Dataset | None:
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise UserError(f"MNIST files in {folder} do not match: images {images.shape}, "
                         f"labels {labels.shape}")
-    images = resize_uint8(images[:, None].astype(np.uint8), req.resolution)
+    images = resize_uint8(images[:, None].astype(np.uint8), _square(req, "mnist"))
     return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
                               req.random_flip)
 
@@ -329,31 +254,13 @@ def _load_cifar10(req: _Request) -> Dataset | None:
     if folder is None:
         return None
     batches = [read_cifar_batch(os.path.join(folder, n)) for n in names]
-    images = resize_uint8(np.concatenate([b[0] for b in batches]), req.resolution)
+    images = resize_uint8(np.concatenate([b[0] for b in batches]), _square(req, "cifar10"))
     labels = np.concatenate([b[1] for b in batches])
     return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(labels), req.random_flip)
 
 
 def _celeba_dirs(root: str) -> list[str]:
     return [os.path.join(root, "celeba"), os.path.join(root, "CelebA"), root]
-
-
-def read_celeba_partition(path: str) -> list[tuple[str, int]]:
-    """`list_eval_partition.txt` -> [(file name, partition 0/1/2)]."""
-    entries = []
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                fields = line.split()
-                if not fields:
-                    continue
-                if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
-                    raise UserError(f"{path} line {line_no}: expected '<file> <0|1|2>', got "
-                                    f"{line.strip()!r}")
-                entries.append((fields[0], int(fields[1])))
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc}") from exc
-    return entries
 
 
 def _load_celeba(req: _Request) -> Dataset | None:
@@ -370,7 +277,7 @@ def _load_celeba(req: _Request) -> Dataset | None:
         raise UserError(f"CelebA split {req.split!r} is empty in "
                         f"{os.path.join(folder, 'list_eval_partition.txt')}")
     files = [name for name, _ in entries]
-    transform = CropResize(req.resolution, CELEBA_CROP_BOX, Image.BILINEAR)
+    transform = CropResize(_square(req, "celeba"), CELEBA_CROP_BOX, Image.BILINEAR)
     return FileImageDataset(os.path.join(folder, "img_align_celeba"), files, [0] * len(files),
                             transform, 3, req.random_flip)
 
@@ -393,7 +300,7 @@ def _load_celebahq(req: _Request) -> Dataset | None:
                      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
             if files:
                 files.sort(key=_numeric_key)
-                transform = CenterCropResize(req.resolution, Image.BICUBIC)
+                transform = ResizeTo(*req.resolution, "center-crop")
                 return FileImageDataset(folder, files, [0] * len(files), transform, 3,
                                         req.random_flip)
     return None
@@ -409,22 +316,43 @@ def folder_labels(files: Sequence[str]) -> tuple[list[int], list[str]]:
     return [index[p] for p in parents], names
 
 
-def _folder_files(root: str) -> list[str]:
-    files = find_images(root)
-    if not files:
-        raise UserError(
-            f"no images found under {root} (searched recursively for "
-            f"{', '.join(IMAGE_EXTENSIONS)} files); point --root at a folder that holds images")
-    return files
+def _square(req: _Request, name: str) -> int:
+    height, width = req.resolution
+    if height != width:
+        raise UserError(f"{name} images are square: pass one --image-size, not "
+                        f"{height},{width} (non-square sizes are for --dataset folder)")
+    return height
+
+
+def folder_channels(index, channels: int | None, files: Sequence[str] | None = None) -> int:
+    """The channels a folder trains: `channels` if given, else 1 when every image (of `files`,
+    a resumed run's, if given) is grayscale (stated in the log), else 3."""
+    if channels is not None:
+        if channels not in (1, 3):
+            raise UserError(f"--channels must be 1 or 3, got {channels}")
+        return channels
+    gray = dict(zip(index.files, index.grayscale))
+    channels = 1 if all(gray.get(f, False) for f in (index.files if files is None else files)) \
+        else 3
+    logger.info("--channels auto: %s under %s, so the model has %d channel(s)",
+                "every image is grayscale" if channels == 1 else "some images have color",
+                index.root, channels)
+    return channels
 
 
 def _load_folder(req: _Request) -> Dataset | None:
     if not os.path.isdir(req.root):
         return None
-    files = _folder_files(req.root)
+    options = req.folder or FolderOptions()
+    index = build_index(req.root, workers=available_cpus())
+    if options.report:
+        report_bad_files(index, options.strict_images)
+    files = index.files if options.files is None else pin_files(index, options.files)
     labels, _ = folder_labels(files)
-    transform = CenterCropResize(req.resolution, Image.BICUBIC)
-    return FileImageDataset(req.root, files, labels, transform, 3, req.random_flip)
+    channels = folder_channels(index, options.channels, files)
+    return FileImageDataset(req.root, files, labels, ResizeTo(*req.resolution,
+                            options.resize_mode), channels, req.random_flip,
+                            convert=functools.partial(to_channels, channels=channels))
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,7 +419,7 @@ DATASETS: dict[str, ImageDatasetSpec] = {
             _load_celebahq, _celebahq_dirs),
         ImageDatasetSpec(
             "folder", 3, None, False, ("train", "all"), "train",
-            "ROOT itself: any tree of .png/.jpg/.jpeg/.bmp/.webp images",
+            "ROOT itself: any tree of " + "/".join(IMAGE_EXTENSIONS) + " images",
             _load_folder, lambda root: [root]),
     )
 }
@@ -528,35 +456,40 @@ def dataset_classes(name: str, root: str = DEFAULT_ROOT) -> list[str]:
     if not os.path.isdir(root):
         raise UserError(f"image folder {root} does not exist; pass --root pointing at a "
                         "folder of images")
-    _, names = folder_labels(_folder_files(root))
+    _, names = folder_labels(build_index(root, workers=available_cpus()).files)
     if len(names) < 2:
         raise UserError(f"class-conditional training on a folder needs one subfolder of images "
                         f"per class, at least two; every image under {root} is in {names[0]!r}")
     return names
 
 
-def dataset_info(name: str, image_size: int | None = None) -> tuple[int, int]:
-    """(channels, resolution) of the images `build_dataset(name, ..., image_size)` yields."""
+def dataset_info(name: str, image_size: int | Sequence[int] | None = None
+                 ) -> tuple[int, int | list[int]]:
+    """(channels, resolution) of the images `build_dataset(name, ..., image_size)` yields:
+    resolution as given (S, or [H, W] for non-square folders) or the dataset's own; channels
+    the dataset's (a folder's are decided from its images, see `folder_channels`)."""
     spec = get_spec(name)
     resolution = image_size or spec.resolution
     if resolution is None:
-        raise UserError(f"dataset {name!r} needs an image size: pass --image-size N")
-    if resolution < 1:
+        raise UserError(f"dataset {name!r} needs an image size: pass --image-size S or H,W")
+    if min(size_hw(resolution)) < 1:
         raise UserError(f"image size must be positive, got {resolution}")
     return spec.channels, resolution
 
 
 def build_dataset(name: str, root: str = DEFAULT_ROOT, split: str = "train",
-                  image_size: int | None = None, download: bool = False,
-                  random_flip: bool | None = None) -> Dataset:
+                  image_size: int | Sequence[int] | None = None, download: bool = False,
+                  random_flip: bool | None = None, folder: FolderOptions | None = None
+                  ) -> Dataset:
     """The dataset `name` found under `root`: items (image float32 (C, H, W) in [-1, 1], label).
 
     root: the folder that holds torchvision-style dataset folders (default ~/datasets); for
         `folder`, the image folder itself.
     split: one of the dataset's splits (see DATASETS[name].splits).
-    image_size: output resolution; defaults to the dataset's (required for `folder`).
+    image_size: output size S or (H, W); defaults to the dataset's (required for `folder`).
     download: fetch with torchvision when the files are missing (mnist, cifar10, celeba).
     random_flip: random horizontal flips; None takes the dataset's default.
+    folder: channels, resize mode, bad-file policy and pinned files of a `folder` dataset.
     Missing files raise UserError naming the folders looked in and the expected layout.
     """
     spec = get_spec(name)
@@ -566,7 +499,7 @@ def build_dataset(name: str, root: str = DEFAULT_ROOT, split: str = "train",
                         f"{', '.join(spec.splits)}")
     root = os.path.abspath(os.path.expanduser(str(root)))
     flip = spec.random_flip if random_flip is None else bool(random_flip)
-    request = _Request(root, split, resolution, flip)
+    request = _Request(root, split, size_hw(resolution), flip, folder)
 
     dataset = spec.load(request)
     if dataset is None and download and spec.download is not None:

@@ -8,6 +8,7 @@ from ddpmkit.diffusion.gaussian import (
     BPDResult,
     GaussianDiffusion,
     PMeanVar,
+    Prediction,
 )
 from ddpmkit.diffusion.guidance import classifier_free_guidance, guidance_combine
 from ddpmkit.diffusion.multistep import UniPCSampler
@@ -28,6 +29,7 @@ from ddpmkit.diffusion.schedules import (
     ddim_timesteps,
     get_beta_schedule,
     karras_timesteps,
+    rescale_zero_terminal_snr,
     solver_timesteps,
 )
 from ddpmkit.diffusion.sigma_samplers import EulerAncestralSampler, HeunSampler
@@ -37,7 +39,7 @@ __all__ = [
     "MODEL_MEAN_TYPES", "MODEL_VAR_TYPES",
     "SAMPLERS", "SKIP_SCHEDULES", "BPDResult", "DDIMSampler", "DDPMSampler",
     "DPMSolverPPSampler", "EulerAncestralSampler", "HeunSampler", "UniPCSampler",
-    "GaussianDiffusion", "PMeanVar", "StepInfo", "ddim_timesteps",
+    "GaussianDiffusion", "PMeanVar", "Prediction", "StepInfo", "ddim_timesteps",
     "classifier_free_guidance", "get_beta_schedule", "guidance_combine", "make_sampler",
-    "karras_timesteps", "sample", "solver_timesteps",
+    "karras_timesteps", "rescale_zero_terminal_snr", "sample", "solver_timesteps",
 ]

@@ -8,11 +8,13 @@ w = 0 is the conditional model itself; w > 0 trades diversity for samples more t
 class. Both predictions come from one network call on the batch doubled (labels y, then the
 "no class" label K).
 
-Mean types: the network's mean channels predict eps, x_0 or the posterior mean mu~. At fixed
-(x_t, t) each is an affine function of eps with the same x_t term (x_0 = a x_t - b eps,
-mu~ = c_1 x_0 + c_2 x_t), and an affine combination whose weights sum to one ((1 + w) - w = 1)
-commutes with such maps: guiding the raw x_0 or mu~ output is exactly guiding the eps it
-implies, so the formula is applied to the raw output for every mean type. It is applied
+Mean types: the network's mean channels predict eps, x_0, the posterior mean mu~ or v. At
+fixed (x_t, t) each is an affine function of eps with the same x_t term (x_0 = a x_t - b eps,
+mu~ = c_1 x_0 + c_2 x_t, v = (eps - sqrt(1 - alphas_bar) x_t) / sqrt(alphas_bar)), and
+an affine combination whose weights sum to one ((1 + w) - w = 1) commutes with such maps:
+guiding the raw x_0, mu~ or v output is exactly guiding the eps it implies (at zero terminal
+SNR, where eps says nothing about x_0, v is still affine in x_0 and the same holds there), so
+the formula is applied to the raw output for every mean type. It is applied
 before any clipping of x_0 (clipping is not affine; the sampler clips the guided prediction).
 Learned variance: the log-variance channels (second half of dim 1) are the conditional
 prediction's, unguided (as in GLIDE's guided sampler, Nichol et al. 2022).

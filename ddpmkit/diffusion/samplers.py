@@ -65,9 +65,13 @@ class DDPMSampler:
 def _model_eps(diffusion: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor,
                t: torch.Tensor) -> torch.Tensor:
     """eps as the network predicts it, before any clipping of x_0: (B, *S)."""
-    if diffusion.model_mean_type == "eps":
-        return diffusion.split_output(model_output.to(x_t.dtype))[0]
-    return diffusion.p_mean_var(model_output, x_t, t, clip_denoised=False).pred_eps
+    return diffusion.predict(model_output, x_t, t, clip_denoised=False).eps
+
+
+def _half_log_snr(alpha_bar: float) -> float:
+    """lambda = log(alpha / sigma) = (log(alphas_bar) - log(1 - alphas_bar)) / 2; -inf at zero
+    SNR, where a step of size h = +inf lands on the first-order (DDIM) update."""
+    return -math.inf if alpha_bar == 0 else 0.5 * (math.log(alpha_bar) - math.log(1 - alpha_bar))
 
 
 @dataclass

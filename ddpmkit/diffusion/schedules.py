@@ -12,6 +12,7 @@ References:
 - Lu et al. (2022), "DPM-Solver": time-quadratic steps over all of [0, T-1].
 - Karras, Aittala, Aila, Laine (2022), "Elucidating the Design Space...", eq. 5: `karras`
   (rho = 7) steps in sigma = sqrt((1 - alphas_bar) / alphas_bar), mapped to timesteps.
+- Lin, Liu, Li, Yang (2024), Algorithm 1: `rescale_zero_terminal_snr`.
 
 Symbols: T training steps; S sampling steps; betas (T,); alphas_bar (T,) = prod(1 - betas).
 """
@@ -66,6 +67,23 @@ def get_beta_schedule(name: str, T: int, beta_start: float = 1e-4,
     else:
         raise ValueError(f"unknown beta schedule {name!r}; choose from {', '.join(BETA_SCHEDULES)}")
     return np.minimum(betas, MAX_BETA)
+
+
+def rescale_zero_terminal_snr(betas) -> np.ndarray:
+    """betas (T,) rescaled so that alphas_bar_{T-1} = 0 (SNR 0 at t = T-1) and alphas_bar_0 is
+    unchanged (Lin et al. 2024, Algorithm 1): sqrt(alphas_bar) is shifted by its last value and
+    scaled back to its first. The last beta comes out exactly 1."""
+    betas = np.asarray(betas, dtype=np.float64)
+    sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    if not first > last:
+        raise ValueError("zero terminal SNR needs alphas_bar to fall over the schedule")
+    # (1) shift so the last value is 0, (2) scale so the first is back to its old value.
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    alphas_bar = sqrt_ab ** 2
+    # (3) back to betas: alphas_t = alphas_bar_t / alphas_bar_{t-1}, alphas_0 = alphas_bar_0.
+    alphas = np.append(alphas_bar[0], alphas_bar[1:] / alphas_bar[:-1])
+    return 1.0 - alphas
 
 
 # The DDIM paper's quadratic spacing ends at 0.8 T (its section D.2).

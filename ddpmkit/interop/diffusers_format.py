@@ -115,13 +115,14 @@ def _check_single_head(c: Mapping[str, Any], apply_attn: Sequence[bool], source:
                                   "has one head (attention_head_dim null)")
 
 
-def _resolution(value: Any, source: str) -> int:
-    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{source}: sample_size {value!r} is not one image size (ddpmkit makes "
-                        "square images); set sample_size in config.json")
-    return value
+def _resolution(value: Any, source: str) -> int | list[int]:
+    """sample_size S or [H, W] -> S (square) or [H, W], as ddpmkit's dataset.resolution."""
+    sizes = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not 1 <= len(sizes) <= 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
+        raise UserError(f"{source}: sample_size {value!r} is not an image size (S or [H, W]); "
+                        "set sample_size in config.json")
+    return sizes[0] if sizes[0] == sizes[-1] else sizes
 
 
 def model_config_from_unet(config: Mapping[str, Any], source: str = "config.json"
@@ -170,8 +171,10 @@ def model_config_from_unet(config: Mapping[str, Any], source: str = "config.json
     return model, _resolution(c["sample_size"], source)
 
 
-def unet_config_from_model(model_cfg: Mapping[str, Any], resolution: int) -> dict[str, Any]:
-    """The UNet2DModel config.json of a ddpmkit `model` section (the inverse of the above)."""
+def unet_config_from_model(model_cfg: Mapping[str, Any], resolution: int | Sequence[int]
+                           ) -> dict[str, Any]:
+    """The UNet2DModel config.json of a ddpmkit `model` section (the inverse of the above);
+    `resolution` S or (H, W) becomes sample_size S or [H, W]."""
     from ddpmkit.models.unet import MODEL_DEFAULTS
 
     m = {**MODEL_DEFAULTS, **model_cfg}
@@ -190,7 +193,8 @@ def unet_config_from_model(model_cfg: Mapping[str, Any], resolution: int) -> dic
               **{k: v for k, v in UNET_DEFAULTS.items()}}
     config.update({key: accepted[0] for key, (accepted, _) in UNET_FIXED.items()})
     config.update({
-        "sample_size": int(resolution), "in_channels": m["in_channels"],
+        "sample_size": _resolution(resolution, "the model's image size"),
+        "in_channels": m["in_channels"],
         "out_channels": m["in_channels"], "time_embedding_dim": m["time_embedding_dim"],
         "down_block_types": down, "up_block_types": up,
         "block_out_channels": [m["hid_channels"] * k for k in m["ch_multipliers"]],

@@ -14,7 +14,8 @@ Correspondences, all exact:
     sigmoid, trained_betas                                                 ddpmkit `custom`
     fixed_small(_log)   posterior variance beta~_t                          `fixed-small`
     fixed_large(_log)   beta_t                                              `fixed-large`
-    epsilon / sample                                                        `eps` / `x_0`
+    epsilon / sample / v_prediction                                         `eps` / `x_0` / `v`
+    rescale_betas_zero_snr (applied after the schedule)                     `zero_terminal_snr`
 At t = 0 diffusers' `fixed_large` would use beta_0 where ddpmkit (like the official DDPM code)
 uses beta~_1; samplers add no noise at t = 0, so samples do not see the difference (the
 decoder term of bits/dim does).
@@ -39,7 +40,7 @@ SCHEDULER_DEFAULTS: Mapping[str, Any] = {
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
 VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_small_log": "fixed-small",
                   "fixed_large": "fixed-large", "fixed_large_log": "fixed-large"}
-PREDICTION_TYPES = {"epsilon": "eps", "sample": "x_0"}
+PREDICTION_TYPES = {"epsilon": "eps", "sample": "x_0", "v_prediction": "v"}
 # The GeoDiff sigmoid schedule's range of the sigmoid's argument.
 SIGMOID_RANGE = 6.0
 
@@ -58,10 +59,6 @@ def _betas_section(c: Mapping[str, Any], source: str) -> dict[str, Any]:
     T = c["num_train_timesteps"]
     if isinstance(T, bool) or not isinstance(T, int) or T < 2:
         raise _refuse(source, f"num_train_timesteps {T!r} is not an integer >= 2")
-    if c["rescale_betas_zero_snr"]:
-        raise _refuse(source, "rescale_betas_zero_snr makes the last beta 1 (x_T pure noise "
-                              "with alphas_bar 0), which ddpmkit's eps parameterization cannot "
-                              "invert")
     if c["trained_betas"] is not None:
         betas = [float(b) for b in c["trained_betas"]]
         if len(betas) != T:
@@ -99,9 +96,13 @@ def diffusion_config_from_scheduler(config: Mapping[str, Any] | None,
     if clip and float(c["clip_sample_range"]) != 1.0:
         raise _refuse(source, f"clip_sample_range {c['clip_sample_range']} is not 1: ddpmkit "
                               "clips x_0 to [-1, 1]")
+    if c["rescale_betas_zero_snr"] and c["prediction_type"] == "epsilon":
+        raise _refuse(source, "rescale_betas_zero_snr makes the last beta 1 (x_T pure noise "
+                              "with alphas_bar 0), where an epsilon prediction cannot give x_0; "
+                              "ddpmkit samples such models only with v_prediction or sample")
     return {**_betas_section(c, source), "model_mean_type": PREDICTION_TYPES[c["prediction_type"]],
             "model_var_type": VARIANCE_TYPES[variance], "loss_type": "mse",
-            "clip_denoised": clip}
+            "clip_denoised": clip, "zero_terminal_snr": bool(c["rescale_betas_zero_snr"])}
 
 
 def scheduler_config_from_diffusion(diffusion_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -110,7 +111,7 @@ def scheduler_config_from_diffusion(diffusion_cfg: Mapping[str, Any]) -> dict[st
     Schedules diffusers has no name for (warmup10, warmup50, jsd, custom) are written as
     `trained_betas`, the exact float64 values rounded to JSON's shortest repr.
     """
-    from ddpmkit.build import DIFFUSION_DEFAULTS, build_diffusion
+    from ddpmkit.build import DIFFUSION_DEFAULTS, build_diffusion, schedule_betas
 
     d = {**DIFFUSION_DEFAULTS, **diffusion_cfg}
     if d["model_var_type"] == "learned":
@@ -119,7 +120,7 @@ def scheduler_config_from_diffusion(diffusion_cfg: Mapping[str, Any]) -> dict[st
                         "itself); only fixed-small / fixed-large models export")
     if d["model_mean_type"] == "mean":
         raise UserError("model_mean_type 'mean' (the network predicts the posterior mean) has "
-                        "no diffusers prediction_type; only eps and x_0 models export")
+                        "no diffusers prediction_type; only eps, x_0 and v models export")
     diffusion = build_diffusion(dict(d))  # validates and gives the exact betas
     by_name = {v: k for k, v in BETA_SCHEDULES.items()}
     config = {"_class_name": SCHEDULER_CLASS, "_diffusers_version": DIFFUSERS_VERSION,
@@ -127,10 +128,11 @@ def scheduler_config_from_diffusion(diffusion_cfg: Mapping[str, Any]) -> dict[st
     if d["beta_schedule"] in by_name:
         config.update(beta_schedule=by_name[d["beta_schedule"]],
                       beta_start=float(d["beta_start"]), beta_end=float(d["beta_end"]))
-    else:
-        config.update(trained_betas=[float(b) for b in diffusion.betas])
+    else:  # diffusers rescales trained_betas too: write the betas before any rescaling
+        config.update(trained_betas=[float(b) for b in schedule_betas(d)])
     config.update(
         variance_type=d["model_var_type"].replace("-", "_"),
         prediction_type={v: k for k, v in PREDICTION_TYPES.items()}[d["model_mean_type"]],
-        clip_sample=bool(diffusion.clip_denoised))
+        clip_sample=bool(diffusion.clip_denoised),
+        rescale_betas_zero_snr=diffusion.zero_terminal_snr)
     return config

@@ -5,7 +5,8 @@
   `DDIMPipeline.from_pretrained(OUT)` and `UNet2DModel.from_pretrained(OUT, subfolder="unet")`
   load it, and the UNet computes what ddpmkit's does (see `diffusers_format`). Refused, each
   with a one-line reason: `block_size` > 1 (pixel shuffle), a `learned` variance, the `mean`
-  mean type. Exported with an exact conversion: `x_0` as prediction_type `sample`; beta
+  mean type. Exported with an exact conversion: `x_0` as prediction_type `sample`, `v` as
+  `v_prediction`, zero terminal SNR as `rescale_betas_zero_snr`; beta
   schedules diffusers has no name for (warmup10, warmup50, jsd, custom) as `trained_betas`.
 - `safetensors`: one file with the weights and the resolved config in its metadata (see
   `safetensors_format`); ddpmkit's `--chkpt-path` loads it.
@@ -99,8 +100,8 @@ def _export_diffusers(out: str, state_dict: Mapping[str, Any], config: Mapping[s
     from ddpmkit.interop.diffusers_scheduler import scheduler_config_from_diffusion
     from ddpmkit.models.loading import image_shape
 
-    _, height, _ = image_shape(config)
-    unet_config = unet_config_from_model(config["model"], height)
+    _, height, width = image_shape(config)
+    unet_config = unet_config_from_model(config["model"], [height, width])
     scheduler_config = scheduler_config_from_diffusion(config.get("diffusion") or {})
     tensors = state_dict_to_diffusers(state_dict, config["model"])
     write_folder_atomically(

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ddpmkit.data.folder import IMAGE_EXTENSIONS, to_channels
 from ddpmkit.errors import UserError
 from ddpmkit.utils.images import quantize
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def list_images(folder: str) -> list[str]:
@@ -33,7 +33,8 @@ def list_images(folder: str) -> list[str]:
 
 
 class ImageFiles(Dataset):
-    """Image files -> uint8 RGB tensors (3, H, W), decoded with PIL, never resized."""
+    """Image files -> uint8 RGB tensors (3, H, W), decoded with PIL (`ddpmkit.data.folder`'s
+    conversion rules; L samples repeat their gray level), never resized."""
 
     def __init__(self, paths: Sequence[str]):
         self.paths = list(paths)
@@ -47,7 +48,9 @@ class ImageFiles(Dataset):
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+                # The training folders' rules (16-bit scaled, alpha over white, ...): a
+                # reference folder of the user's own images reads as the model saw them.
+                array = np.asarray(to_channels(image, 3), dtype=np.uint8)  # (H, W, 3)
         except OSError as exc:
             raise UserError(f"cannot read image {path!r}: {exc}") from exc
         return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)

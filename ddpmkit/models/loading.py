@@ -137,6 +137,7 @@ def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
 def image_shape(config: Mapping[str, Any]) -> tuple[int, int, int]:
     """(C, H, W) of the images a config's network makes."""
     from ddpmkit.data.images import dataset_info
+    from ddpmkit.schema import size_hw
 
     data = config.get("dataset") or {}
     channels = config["model"].get("in_channels") or data.get("channels")
@@ -146,7 +147,8 @@ def image_shape(config: Mapping[str, Any]) -> tuple[int, int, int]:
             raise UserError("the config names no dataset and no resolution")
         channels_default, resolution = dataset_info(data["name"])
         channels = channels or channels_default
-    return int(channels), int(resolution), int(resolution)
+    height, width = size_hw(resolution)
+    return int(channels), height, width
 
 
 def build_from_config(config: Mapping[str, Any]):

@@ -234,6 +234,32 @@ MODEL_DEFAULTS: Mapping[str, Any] = {
 }
 
 
+def size_divisor(model_cfg: Mapping[str, Any]) -> int:
+    """What H and W must be multiples of for a config's `model` section: block_size x
+    2^(levels-1) (the halvings of the down path after the space-to-depth step)."""
+    block = int(model_cfg.get("block_size") or MODEL_DEFAULTS["block_size"])
+    return block * 2 ** (len(model_cfg["ch_multipliers"]) - 1)
+
+
+def check_image_size(model_cfg: Mapping[str, Any], height: int, width: int) -> None:
+    """A one-line UserError naming the nearest valid sizes when this network cannot take
+    height x width images."""
+    d = size_divisor(model_cfg)
+    if height % d == 0 and width % d == 0:
+        return
+
+    def nearest(n: int) -> list[int]:  # n itself if valid, else the multiples around it
+        if n % d == 0:
+            return [n]
+        return [s for s in (n // d * d, -(-n // d) * d) if s >= d]
+
+    options = [(h, w) for h in nearest(height) for w in nearest(width)]
+    listed = " or ".join(f"{h},{w}" for h, w in options)
+    raise UserError(f"image size {height}x{width} does not fit this UNet: height and width must "
+                    f"be multiples of {d} (block_size x 2^(levels-1)); nearest valid "
+                    f"--image-size: {listed}")
+
+
 def build_model(model_cfg: Mapping[str, Any], out_channels: int) -> UNet:
     """Build the UNet from a config's `model` section; `out_channels` comes from the diffusion
     (`diffusion.model_out_channels(C)`), the one place that knows about learned variances.

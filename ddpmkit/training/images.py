@@ -25,7 +25,7 @@ from torch.utils.data import DistributedSampler
 from ddpmkit.build import build_diffusion
 from ddpmkit.devices import compile_mode, compile_module, resolve_device, resolve_precision
 from ddpmkit.errors import UserError, signal_name
-from ddpmkit.schema import eval_sampler_name
+from ddpmkit.schema import eval_sampler_name, size_hw
 from ddpmkit.training import distributed as dist_utils
 from ddpmkit.training.preemption import StopFlag, exit_code
 from ddpmkit.training.run_folder import RunFolder
@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 # Seeds derived from the run seed, kept apart so no two streams coincide.
 LOADER_SEED_OFFSET = 1
 GRID_SEED_OFFSET = 2
+# A folder run's image list, in its checkpoint folder: a resumed run reads exactly these files.
+IMAGE_LIST_NAME = "images.txt"
 
 
 class ImageTrainer(Trainer):
@@ -176,15 +178,28 @@ def _check_same_architecture(state: Dict[str, Any], config: Dict[str, Any], path
                         f"{'; '.join(diffs[:4])}); resume with the same config and flags")
 
 
-def complete_dataset_facts(config: Dict[str, Any]) -> Dict[str, Any]:
+def complete_dataset_facts(config: Dict[str, Any],
+                           run_images: Optional[List[str]] = None) -> Dict[str, Any]:
     """Resolution and channels belong to the dataset: fill them in (and the network's input
     channels) from the dataset registry where the config file does not give them, as the
-    reference project's files do not."""
+    reference project's files do not. `run_images`: a resumed folder run's image list (its
+    channels are decided from those files)."""
     from ddpmkit.data.images import DATASETS, dataset_info
+    from ddpmkit.models.unet import check_image_size
 
     ds, model = config["dataset"], config["model"]
     channels, resolution = dataset_info(ds["name"], ds.get("resolution"))
-    ds["resolution"], ds["channels"] = int(resolution), int(ds.get("channels") or channels)
+    ds["resolution"] = resolution
+    if ds["name"] == "folder":
+        ds["channels"] = _folder_channels(ds, run_images)
+    elif ds.get("channels") not in (None, channels):
+        raise UserError(f"{ds['name']} images have {channels} channel(s); --channels "
+                        f"{ds['channels']} is for --dataset folder")
+    elif len(set(size_hw(resolution))) > 1:
+        raise UserError(f"{ds['name']} images are square: pass one --image-size (H,W sizes are "
+                        "for --dataset folder)")
+    ds["channels"] = int(ds.get("channels") or channels)
+    check_image_size(model, *size_hw(resolution))
     if ds.get("random_flip") is None:
         ds["random_flip"] = DATASETS[ds["name"]].random_flip
     model.setdefault("in_channels", ds["channels"])
@@ -193,6 +208,31 @@ def complete_dataset_facts(config: Dict[str, Any]) -> Dict[str, Any]:
                         f"the {ds['name']} images' {ds['channels']} channel(s)")
     _complete_classes(config)
     return config
+
+
+def _folder_channels(ds: Dict[str, Any], run_images: Optional[List[str]]) -> int:
+    """A folder's channels (--channels, else decided from its images), its undecodable files
+    named (or refused with strict_images) once, here, by the main process."""
+    from ddpmkit.data.folder import build_index, report_bad_files
+    from ddpmkit.data.images import available_cpus, folder_channels
+
+    root = os.path.abspath(os.path.expanduser(str(ds["root"])))
+    if not os.path.isdir(root):
+        raise UserError(f"image folder {root} does not exist; pass --root pointing at a folder "
+                        "of images")
+    index = build_index(root, workers=available_cpus())
+    if dist_utils.env_dist_info().is_main or ds.get("strict_images"):
+        report_bad_files(index, bool(ds.get("strict_images")))
+    return folder_channels(index, ds.get("channels"), run_images)
+
+
+def read_image_list(folder: str) -> Optional[List[str]]:
+    """The image list a folder run wrote into its checkpoint folder (None if there is none)."""
+    path = os.path.join(folder, IMAGE_LIST_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
 
 
 def _complete_classes(config: Dict[str, Any]) -> None:
@@ -250,7 +290,32 @@ def prepare_run(config: Dict[str, Any], options: Dict[str, Any]) -> RunFolder:
     return folder
 
 
-def _build_data(config: Dict[str, Any], options: Dict[str, Any], info, device):
+def _folder_options(ds: Dict[str, Any], folder: RunFolder):
+    """How a folder run reads its images; a resumed run keeps the files it started with."""
+    from ddpmkit.data.images import FolderOptions
+
+    if ds["name"] != "folder":
+        return None
+    files = read_image_list(folder.folder) if folder.resumed is not None else None
+    return FolderOptions.from_config(ds, files, report=False)
+
+
+class ImageListFile(Callback):
+    """Writes a folder run's image list (IMAGE_LIST_NAME) when the run starts (main process),
+    after the run folder has been set up."""
+
+    def __init__(self, folder: str, files):
+        self.folder, self.files = folder, files
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        from ddpmkit.utils.io import atomic_write_bytes
+
+        if trainer.is_main:
+            text = "".join(f"{name}\n" for name in self.files)
+            atomic_write_bytes(os.path.join(self.folder, IMAGE_LIST_NAME), text.encode())
+
+
+def _build_data(config: Dict[str, Any], options: Dict[str, Any], info, device, folder):
     """(loader, micro-batch) for this process: a DistributedSampler over the whole dataset."""
     from ddpmkit.data.images import DATASETS, build_dataset, build_loader, default_num_workers
 
@@ -261,7 +326,8 @@ def _build_data(config: Dict[str, Any], options: Dict[str, Any], info, device):
     split = ds.get("split") or DATASETS[ds["name"]].train_split
     # Flips are drawn by the trainer (see ImageTrainer), so the dataset yields unflipped images.
     dataset = build_dataset(ds["name"], ds["root"], split=split, image_size=ds["resolution"],
-                            download=bool(ds.get("download")), random_flip=False)
+                            download=bool(ds.get("download")), random_flip=False,
+                            folder=_folder_options(ds, folder))
     if len(dataset) < micro * info.world_size:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "
                         f"({micro * info.world_size}); lower --batch-size")
@@ -297,9 +363,10 @@ def _build_model(config: Dict[str, Any], info, device):
     return diffusion, model, compile_module(net, compile_mode(tr.get("compile")))
 
 
-def _callbacks(config, options, diffusion, device, folder: RunFolder) -> List[Callback]:
+def _callbacks(config, options, diffusion, device, folder: RunFolder,
+               loader) -> List[Callback]:
     tr, ds, ev = config["train"], config["dataset"], config.get("eval", {})
-    shape = (ds["channels"], ds["resolution"], ds["resolution"])
+    shape = (ds["channels"], *size_hw(ds["resolution"]))
     grid = SampleGrid(diffusion, shape, run_dirs(config)["images"], every=int(tr["image_intv"]),
                       num=int(tr["num_samples"]), seed=int(tr["seed"]) + GRID_SEED_OFFSET,
                       sampler_name=eval_sampler_name(ev),
@@ -307,6 +374,8 @@ def _callbacks(config, options, diffusion, device, folder: RunFolder) -> List[Ca
                       skip_schedule=ev.get("skip_schedule", "linear"),
                       guidance_scale=float(ev.get("guidance_scale", 1.0)))
     callbacks: List[Callback] = [folder, grid]
+    if ds["name"] == "folder":
+        callbacks.append(ImageListFile(folder.folder, [str(f) for f in loader.dataset.files]))
     if ev.get("enabled"):
         from ddpmkit.training.eval_callback import FIDCallback
 
@@ -337,7 +406,8 @@ def _build_trainer(config, options, info, device, loader, micro, diffusion, mode
         chkpt_every_minutes=float(tr.get("chkpt_every_minutes") or 0.0), save_final=True,
         log_path=folder.log_path, log_every=int(tr["log_intv"]),
         tensorboard_dir=folder.tensorboard_dir, progress=True,
-        callbacks=_callbacks(config, options, diffusion, device, folder), config=config,
+        callbacks=_callbacks(config, options, diffusion, device, folder, loader),
+        config=config,
         is_main=info.is_main, rank=info.rank, world_size=info.world_size,
         control_group=dist_utils.control_group(), stop=stop,
         amp_dtype=torch.bfloat16 if tr.get("precision") == "bf16" else None,
@@ -372,12 +442,13 @@ def _train(config, options, info, device, stop: StopFlag) -> int:
         logger.info("precision %s (%s)", precision.name, precision.reason)
     torch.manual_seed(int(tr["seed"]) + info.rank)  # model init (overwritten on resume), dropout
     folder = prepare_run(config, options)
-    loader, micro, num_images = _build_data(config, options, info, device)
+    loader, micro, num_images = _build_data(config, options, info, device, folder)
     diffusion, model, net = _build_model(config, info, device)
     if info.is_main:
         logger.info("resolved config:\n%s", json.dumps(config, indent=2, sort_keys=True))
-        logger.info("%s: %d images, model %.2fM parameters, %d process(es), micro-batch %d, "
-                    "device %s", config["dataset"]["name"], num_images,
+        logger.info("%s: %d images, an epoch is %d updates of %d, model %.2fM parameters, "
+                    "%d process(es), micro-batch %d, device %s", config["dataset"]["name"],
+                    num_images, len(loader) // int(tr["num_accum"]), int(tr["batch_size"]),
                     sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, micro,
                     device)
     trainer = _build_trainer(config, options, info, device, loader, micro, diffusion, model,
@@ -413,7 +484,9 @@ def _finish(trainer: ImageTrainer, result, options, max_steps, info) -> int:
 def launch(config: Dict[str, Any], options: Dict[str, Any]) -> int:
     """Run training in this process, under torchrun, or in spawned processes (the reference's
     `--distributed --rigid-launch --num-gpus N`); returns the exit status."""
-    config = complete_dataset_facts(config)
+    resuming = options.get("resume") or options.get("auto_resume") or _elastic_restart()
+    run_images = read_image_list(run_dirs(config)["chkpt"]) if resuming else None
+    config = complete_dataset_facts(config, run_images)
     if options.get("distributed") and options.get("rigid_launch") \
             and not dist_utils.launched_by_torchrun():
         n = int(options.get("num_gpus", 1))

@@ -53,28 +53,26 @@ SEED_EVAL_TRUE, SEED_EVAL_REF, SEED_SAMPLING = 1, 2, 3
 MUST_MATCH_ON_RESUME = ("dataset", "timesteps", "beta_schedule", "beta_start", "beta_end",
                         "model_mean_type", "model_var_type", "loss_type", "mid_features",
                         "num_temporal_layers", "fourier_features", "fourier_scale",
-                        "class_cond")
+                        "class_cond", "loss_weight", "min_snr_gamma", "zero_terminal_snr")
 # Settings that do not change what a run computes (so two runs differing only in them are the
 # same run).
 RUNTIME_ONLY = ("resume", "chkpt_path", "overwrite", "no_progress", "device",
                 "device_resolved", "image_dir", "chkpt_dir", "root")
 # Settings newer than some checkpoints, with the value that reproduces what those computed.
-ADDED_LATER = {"class_cond": False, "class_dropout": 0.1, "guidance_scale": None}
+ADDED_LATER = {"class_cond": False, "class_dropout": 0.1, "guidance_scale": None,
+               "loss_weight": "uniform", "min_snr_gamma": 5.0, "zero_terminal_snr": False}
 # The evaluation plots `epoch_NNNN.png` and animation `train.<fmt>` in the image folder.
 _TOY_IMAGE_RE = re.compile(r"^(epoch_\d+\.png|train\.(gif|webp))$")
 
 
 def build_diffusion(c: dict[str, Any]):
-    from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule
+    """The run's GaussianDiffusion (continuous decoder); settings a checkpoint predates take
+    their `ADDED_LATER` values."""
+    from ddpmkit.build import DIFFUSION_DEFAULTS
+    from ddpmkit.build import build_diffusion as build
 
-    try:
-        betas = get_beta_schedule(c["beta_schedule"], c["timesteps"], beta_start=c["beta_start"],
-                                  beta_end=c["beta_end"])
-        return GaussianDiffusion(betas, model_mean_type=c["model_mean_type"],
-                                 model_var_type=c["model_var_type"], loss_type=c["loss_type"],
-                                 decoder="continuous")
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+    return build({k: {**ADDED_LATER, **c}[k] for k in DIFFUSION_DEFAULTS},
+                 decoder="continuous")
 
 
 def num_classes(c: dict[str, Any]) -> int | None:
