@@ -13,7 +13,10 @@ x_0 prediction, r_k = h_k / h the previous steps' lambda increments relative to 
 Every solver starts at first order and raises its order by one per step; the last step is a
 first-order jump to clean data (lambda = +inf), where every formula gives x_0 exactly. With fewer
 than 15 steps, DPM-Solver++ also lowers its order on the second-to-last step (diffusers'
-`lower_order_final`); UniPC's order is at most the number of steps left.
+`lower_order_final`); UniPC's order is at most the number of steps left. A point at zero SNR
+(lambda = -inf, t = T-1 with zero terminal SNR) is never part of a divided difference: the step
+from it is first order (h = +inf: x_next = sigma_next x_t + alpha_next x_0, DDIM's step, as
+x_t = eps there), and the orders after it grow from there.
 """
 
 import math
@@ -23,7 +26,7 @@ from typing import Any, List, Optional
 import numpy as np
 import torch
 
-from ddpmkit.diffusion.sampler_utils import pred_x_0, solver_points, vp_alpha_sigma, vp_lambda
+from ddpmkit.diffusion.sampler_utils import predict, solver_points, vp_alpha_sigma, vp_lambda
 
 # DPM-Solver++ lowers its order near the end below this many steps (diffusers' default rule:
 # high orders are unstable over the large last steps of short runs).
@@ -41,6 +44,11 @@ class _History:
     def push(self, x_0: torch.Tensor, lam: float, keep: int) -> None:
         self.x_0 = (self.x_0 + [x_0])[-keep:]
         self.lam = (self.lam + [lam])[-keep:]
+
+    def finite(self) -> int:
+        """How many of the latest points have a finite lambda (zero SNR is -inf, and only ever
+        the first point)."""
+        return sum(1 for lam in self.lam if lam > -math.inf)
 
 
 def _check_steps_for_order(name: str, steps: int, order: int) -> None:
@@ -81,7 +89,8 @@ class DPMSolverPPSampler:
         return _History()
 
     def _order_at(self, i: int, history: _History) -> int:
-        order = min(self.order, len(history.x_0) + 1)  # warm-up: first order, then up
+        # warm-up: first order, then up; a zero-SNR point takes part in no difference
+        order = min(self.order, history.finite() + 1)
         if i == len(self.timesteps) - 2 and len(self.timesteps) < LOWER_ORDER_FINAL_BELOW:
             order = min(order, 2)
         return order
@@ -89,7 +98,7 @@ class DPMSolverPPSampler:
     def step(self, diffusion, model_output, x_t, i, noise, clip, state: _History):
         t_now = int(self.timesteps[i])
         t_next = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
-        x_0 = pred_x_0(diffusion, model_output, x_t, t_now, clip)
+        x_0 = predict(diffusion, model_output, x_t, t_now, clip).x_0
         if t_next < 0:
             return x_0, x_0  # lambda = +inf: the first-order step lands exactly on x_0
         (_, s_now), (a_next, s_next) = (vp_alpha_sigma(diffusion, t) for t in (t_now, t_next))
@@ -216,7 +225,7 @@ class UniPCSampler:
     def step(self, diffusion, model_output, x_t, i, noise, clip, state: _History):
         t_now = int(self.timesteps[i])
         t_next = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
-        x_0 = pred_x_0(diffusion, model_output, x_t, t_now, clip)
+        x_0 = predict(diffusion, model_output, x_t, t_now, clip).x_0
         lam_now = vp_lambda(diffusion, t_now)
         a_now, s_now = vp_alpha_sigma(diffusion, t_now)
         if state.x_prev is not None:
@@ -225,8 +234,8 @@ class UniPCSampler:
             x_t = _unipc_update(state.x_prev, state.x_0, state.lam, lam_now, a_now, s_prev,
                                 s_now, state.order_prev, predictor=False, x_0_new=x_0)
         state.push(x_0, lam_now, keep=self.order)
-        # (2) order: warm-up from 1, and at most the number of steps left
-        order = min(self.order, len(self.timesteps) - i, len(state.x_0))
+        # (2) order: warm-up from 1, at most the number of steps left, zero-SNR points unused
+        order = min(self.order, len(self.timesteps) - i, max(1, state.finite()))
         state.x_prev, state.order_prev = x_t, order
         if t_next < 0:
             return x_0, x_0  # order 1 to lambda = +inf: exactly x_0

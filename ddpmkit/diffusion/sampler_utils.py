@@ -2,7 +2,9 @@
 
 Symbols (DPM-Solver's VP notation): alpha_t = sqrt(alphas_bar_t), sigma_t = sqrt(1 - alphas_bar_t),
 lambda_t = log(alpha_t / sigma_t); Karras et al.'s sigma is sigma_t / alpha_t. A timestep of
--1 stands for clean data (alphas_bar = 1: alpha 1, sigma 0, lambda +inf).
+-1 stands for clean data (alphas_bar = 1: alpha 1, sigma 0, lambda +inf). With zero terminal SNR
+alphas_bar_{T-1} = 0: alpha 0, sigma 1, lambda -inf (Karras' sigma +inf); every sampler's step
+from there is its first-order one, which stays finite.
 """
 
 import math
@@ -11,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ddpmkit.diffusion.gaussian import GaussianDiffusion
+from ddpmkit.diffusion.gaussian import GaussianDiffusion, Prediction
 from ddpmkit.diffusion.schedules import karras_timesteps, solver_timesteps
 
 
@@ -28,10 +30,15 @@ def vp_alpha_sigma(diffusion: GaussianDiffusion, step: int) -> tuple[float, floa
     return math.sqrt(ab), math.sqrt(1.0 - ab)
 
 
+def half_log_snr(alpha_bar: float) -> float:
+    """lambda = log(alpha / sigma) = (log(alphas_bar) - log(1 - alphas_bar)) / 2; -inf at zero
+    SNR, where a step of size h = +inf lands on the first-order (DDIM) update."""
+    return -math.inf if alpha_bar == 0 else 0.5 * (math.log(alpha_bar) - math.log(1 - alpha_bar))
+
+
 def vp_lambda(diffusion: GaussianDiffusion, step: int) -> float:
-    """lambda_t = log(alpha_t / sigma_t) = (log alphas_bar - log(1 - alphas_bar)) / 2."""
-    ab = float(diffusion.alphas_bar[step])
-    return 0.5 * (math.log(ab) - math.log(1 - ab))
+    """lambda_t at one step (-inf at zero SNR)."""
+    return half_log_snr(float(diffusion.alphas_bar[step]))
 
 
 def solver_points(T: int, steps: int, kind: str,
@@ -51,8 +58,8 @@ def full_t(x: torch.Tensor, step: int) -> torch.Tensor:
     return torch.full((x.shape[0],), int(step), dtype=torch.long, device=x.device)
 
 
-def pred_x_0(diffusion: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor,
-             step: int, clip: Optional[bool]) -> torch.Tensor:
-    """The x_0 the network output implies at (x_t, t), clipped as `clip` / the diffusion says
-    (any mean type: GaussianDiffusion's conversion). Learned-variance channels are not used."""
-    return diffusion.p_mean_var(model_output, x_t, full_t(x_t, step), clip_denoised=clip).pred_x_0
+def predict(diffusion: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor,
+            step: int, clip: Optional[bool]) -> Prediction:
+    """(x_0, eps) the network output implies at (x_t, t), x_0 clipped as `clip` / the diffusion
+    says (any mean type: `GaussianDiffusion.predict`). Learned-variance channels are not used."""
+    return diffusion.predict(model_output, x_t, full_t(x_t, step), clip_denoised=clip)

@@ -68,12 +68,6 @@ def _model_eps(diffusion: GaussianDiffusion, model_output: torch.Tensor, x_t: to
     return diffusion.predict(model_output, x_t, t, clip_denoised=False).eps
 
 
-def _half_log_snr(alpha_bar: float) -> float:
-    """lambda = log(alpha / sigma) = (log(alphas_bar) - log(1 - alphas_bar)) / 2; -inf at zero
-    SNR, where a step of size h = +inf lands on the first-order (DDIM) update."""
-    return -math.inf if alpha_bar == 0 else 0.5 * (math.log(alpha_bar) - math.log(1 - alpha_bar))
-
-
 @dataclass
 class DDIMSampler:
     """DDIM over S of the T steps; eta = 0 is deterministic, eta = 1 matches DDPM fixed-small.

@@ -195,6 +195,9 @@ def karras_timesteps(alphas_bar: np.ndarray, S: int, rho: float = KARRAS_RHO) ->
     if alphas_bar is None:
         raise ValueError("karras spacing needs the noise schedule (alphas_bar)")
     alphas_bar = np.asarray(alphas_bar, dtype=np.float64)
+    if alphas_bar[-1] == 0:
+        raise ValueError("karras spacing needs a finite sigma at t = T-1, and zero terminal SNR "
+                         "makes it infinite; use trailing, linspace or quadratic spacing")
     T, S = _check_subsequence_size(len(alphas_bar), S)
     if S == 1:
         return np.array([T - 1], dtype=np.int64)

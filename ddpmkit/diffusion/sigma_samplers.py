@@ -12,7 +12,10 @@ References:
 A VP sample x_t is x = x_t / alpha_t in sigma space, sigma = sigma_t / alpha_t =
 sqrt((1 - alphas_bar) / alphas_bar); D(x; sigma) is the network's x_0 at t (the timesteps are the
 table's, so the network is always evaluated at the noise level it was trained for). The loop
-works on VP samples: each step maps back with x_t = alpha_t x.
+works on VP samples: each step maps back with x_t = alpha_t x. At zero SNR (t = T-1 with zero
+terminal SNR: alpha 0, sigma +inf) both take their sigma -> inf limit, written in VP terms: Heun
+an Euler step alone, x_next = alpha_next x_0 + sigma_next eps (DDIM's), Euler ancestral
+sigma_down -> 0 and sigma_up -> sigma_next, x_next = alpha_next x_0 + sigma_next z.
 """
 
 import math
@@ -21,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ddpmkit.diffusion.sampler_utils import pred_x_0, solver_points, vp_alpha_sigma
+from ddpmkit.diffusion.sampler_utils import predict, solver_points, vp_alpha_sigma
 
 
 def _edm_sigma(diffusion, step: int) -> tuple[float, float]:
@@ -66,7 +69,20 @@ class HeunSampler:
 
     def step(self, diffusion, model_output, x_t, i, noise, clip, state: _HeunState):
         t_now = int(self.timesteps[i])
-        x_0 = pred_x_0(diffusion, model_output, x_t, t_now, clip)
+        pred = predict(diffusion, model_output, x_t, t_now, clip)
+        x_0 = pred.x_0
+        if i % 2 == 1 and state.x is None:
+            return x_t, x_0  # (4) after a zero-SNR start: no correction, keep the Euler point
+        k = i // 2
+        t_next = int(self.points[k + 1]) if i % 2 == 0 and k + 1 < len(self.points) else -1
+        if i % 2 == 0 and t_next < 0:
+            return x_0, x_0  # (3) the last step: Euler to sigma = 0 lands on x_0
+        if i % 2 == 0 and diffusion.alphas_bar[t_now] == 0:
+            # (0) zero SNR: the Euler step's sigma -> inf limit, x_next = alpha_next x_0 +
+            # sigma_next eps (eps is the slope dx/dsigma); nothing to correct from
+            state.x = None
+            alpha_next, s_next = vp_alpha_sigma(diffusion, t_next)
+            return alpha_next * x_0 + s_next * pred.eps, x_0
         alpha, sigma = _edm_sigma(diffusion, t_now)
         x = x_t / alpha
         slope = (x - x_0) / sigma  # dx/dsigma = (x - D(x; sigma)) / sigma
@@ -74,12 +90,8 @@ class HeunSampler:
             # (2) correction at the Euler end point: the average of both slopes, from the start
             x_next = state.x + (0.5 * state.d_sigma) * (state.slope + slope)
             return alpha * x_next, x_0
-        k = i // 2
-        t_next = int(self.points[k + 1]) if k + 1 < len(self.points) else -1
-        alpha_next, sigma_next = _edm_sigma(diffusion, t_next)
-        if t_next < 0:
-            return x_0, x_0  # (3) the last step: Euler to sigma = 0 lands on x_0
         # (1) Euler step to sigma_next; kept for the correction at the next evaluation
+        alpha_next, sigma_next = _edm_sigma(diffusion, t_next)
         state.x, state.slope, state.d_sigma = x, slope, sigma_next - sigma
         return alpha_next * (x + (sigma_next - sigma) * slope), x_0
 
@@ -112,9 +124,13 @@ class EulerAncestralSampler:
     def step(self, diffusion, model_output, x_t, i, noise, clip, state):
         t_now = int(self.timesteps[i])
         t_next = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
-        x_0 = pred_x_0(diffusion, model_output, x_t, t_now, clip)
+        x_0 = predict(diffusion, model_output, x_t, t_now, clip).x_0
         if t_next < 0:
             return x_0, x_0  # sigma_next = 0: no noise, the Euler step lands on x_0
+        if diffusion.alphas_bar[t_now] == 0:
+            # zero SNR (sigma = +inf): sigma_down -> 0, sigma_up -> sigma_next
+            alpha_next, s_next = vp_alpha_sigma(diffusion, t_next)
+            return alpha_next * x_0 + s_next * noise, x_0
         alpha, sigma = _edm_sigma(diffusion, t_now)
         alpha_next, sigma_next = _edm_sigma(diffusion, t_next)
         sigma_up = math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
