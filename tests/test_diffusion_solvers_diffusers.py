@@ -10,6 +10,8 @@ in float64 and agree to ~1e-10. Documented differences:
 - DPMSolverMultistepScheduler and EulerAncestralDiscreteScheduler "upcast" the sample to
   float32 in `step`, a downcast for float64 samples (errors ~1e-7); the `float64_steps` fixture
   makes that cast float64 in those two modules, for these tests only.
+- v models (prediction_type="v_prediction") are read through `GaussianDiffusion.predict` by
+  every sampler, and match diffusers' own v conversion (VP or sigma space) to the same 1e-10.
 - Karras spacing: diffusers evaluates the network at the rounded timestep but keeps the
   unrounded Karras sigma in the update; ddpmkit uses the table's sigma at that timestep, so the
   network always sees the noise level it is evaluated at. The timesteps themselves agree.
@@ -98,7 +100,7 @@ def _dpm_scheduler(diffusion, mean_type, **config):
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "karras"])
-@pytest.mark.parametrize("mean_type", ["eps", "x_0"])
+@pytest.mark.parametrize("mean_type", ["eps", "x_0", "v"])
 @pytest.mark.parametrize("S", [5, 10, 20])
 @pytest.mark.parametrize("name,order", [("dpm-solver++3m", 3), ("dpm-solver++", 2)])
 def test_dpm_solver_pp_matches_diffusers_orders_2_and_3(name, order, S, mean_type, spacing,
@@ -119,7 +121,7 @@ def test_dpm_solver_pp_matches_diffusers_orders_2_and_3(name, order, S, mean_typ
            _multistep_chain(theirs, fn, x_T), x_T)
 
 
-@pytest.mark.parametrize("mean_type", ["eps", "x_0"])
+@pytest.mark.parametrize("mean_type", ["eps", "x_0", "v"])
 @pytest.mark.parametrize("S", [5, 20])
 def test_dpm_solver_pp_2m_sde_matches_diffusers_sde_dpmsolver_pp(S, mean_type, float64_steps):
     ours = _diffusion(mean_type)
@@ -146,7 +148,7 @@ def test_dpm_solver_pp_2m_sde_matches_diffusers_sde_dpmsolver_pp(S, mean_type, f
 
 
 # ---- UniPC --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mean_type", ["eps", "x_0"])
+@pytest.mark.parametrize("mean_type", ["eps", "x_0", "v"])
 @pytest.mark.parametrize("order", [2, 3])
 @pytest.mark.parametrize("S", [3, 6, 20])
 def test_unipc_matches_diffusers_bh2(S, order, mean_type):
@@ -175,7 +177,7 @@ def _points(scheduler):
 
 @pytest.mark.parametrize("spacing,S", [("trailing", 1), ("trailing", 4), ("leading", 4),
                                        ("trailing", 10), ("leading", 10)])
-@pytest.mark.parametrize("mean_type", ["eps", "x_0"])
+@pytest.mark.parametrize("mean_type", ["eps", "x_0", "v"])
 def test_heun_matches_heun_discrete_scheduler(S, mean_type, spacing):
     ours = _diffusion(mean_type)
     theirs = diffusers.HeunDiscreteScheduler(
@@ -197,11 +199,12 @@ def test_heun_matches_heun_discrete_scheduler(S, mean_type, spacing):
 
 @pytest.mark.parametrize("spacing,S", [("trailing", 1), ("trailing", 5), ("leading", 5),
                                        ("trailing", 20), ("leading", 20)])
-def test_euler_ancestral_matches_euler_ancestral_discrete_scheduler(S, spacing, float64_steps):
+@pytest.mark.parametrize("mean_type", ["eps", "v"])
+def test_euler_ancestral_matches_euler_ancestral_discrete_scheduler(S, spacing, mean_type,
+                                                                    float64_steps):
     """Both draw one normal tensor per step from one generator (diffusers also on the last
     step, after ours has finished). diffusers has no x_0 prediction here; ours runs every mean
     type through GaussianDiffusion's conversion to x_0."""
-    mean_type = "eps"
     ours = _diffusion(mean_type)
     theirs = diffusers.EulerAncestralDiscreteScheduler(
         num_train_timesteps=T, trained_betas=ours.betas, timestep_spacing=spacing,
