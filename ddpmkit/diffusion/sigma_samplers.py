@@ -14,8 +14,9 @@ sqrt((1 - alphas_bar) / alphas_bar); D(x; sigma) is the network's x_0 at t (the 
 table's, so the network is always evaluated at the noise level it was trained for). The loop
 works on VP samples: each step maps back with x_t = alpha_t x. At zero SNR (t = T-1 with zero
 terminal SNR: alpha 0, sigma +inf) both take their sigma -> inf limit, written in VP terms: Heun
-an Euler step alone, x_next = alpha_next x_0 + sigma_next eps (DDIM's), Euler ancestral
-sigma_down -> 0 and sigma_up -> sigma_next, x_next = alpha_next x_0 + sigma_next z.
+an Euler step alone, x_next = alpha_next x_0 + sigma_next eps (DDIM's; the correction evaluation
+that follows keeps its sample, so the NFE stays 2 S - 1), Euler ancestral sigma_down -> 0 and
+sigma_up -> sigma_next, x_next = alpha_next x_0 + sigma_next z.
 """
 
 import math
