@@ -18,6 +18,19 @@ GPU_PEAKS = {
     "H200": {"bf16": 989e12, "fp32": 495e12, "fp32-strict": 67e12},
     "A100": {"bf16": 312e12, "fp32": 156e12, "fp32-strict": 19.5e12},
 }
+for _peaks in GPU_PEAKS.values():
+    _peaks["fp16"] = _peaks["bf16"]  # the same tensor-core rate on these cards
+
+# Mode options that name the network's precision (`+`-joined with the others).
+PRECISION_OPTIONS = ("fp32", "bf16", "fp16")
+
+
+def mode_precision(parts: set, mode: str) -> str:
+    """The precision a benchmark mode's options name (fp32 when none)."""
+    named = [p for p in PRECISION_OPTIONS if p in parts]
+    if len(named) > 1:
+        raise SystemExit(f"mode {mode!r} names {' and '.join(named)}: choose one precision")
+    return named[0] if named else "fp32"
 
 
 # `+`-joined mode option -> torch.compile mode, shared by the training and sampling benchmarks.

@@ -32,8 +32,8 @@ if [ "${SMALL:-0}" = 1 ]; then  # sizes for a CPU check of the script itself
 else
   TB=128; TS=20; SB=500; SS=20; SMB=16; EI=5000; EB=250; PR=10000; E2E_N=8192; E2E_B=128
   E2E_STEPS=150; GEN_N=1000
-  TRAIN_FAST="fp32 bf16+fused"; TRAIN_COMPILE="bf16+fused bf16+fused+compile-ro"
-  SAMPLE_FAST="fp32 bf16 bf16+graph overhead"; SMALL_MODES="fp32 bf16 bf16+graph"
+  TRAIN_FAST="fp32 bf16+fused fp16+fused"; TRAIN_COMPILE="bf16+fused bf16+fused+compile-ro"
+  SAMPLE_FAST="fp32 bf16 fp16 bf16+graph overhead"; SMALL_MODES="fp32 bf16 bf16+graph"
   SAMPLE_COMPILE="bf16 bf16+compile-ro bf16+compile-ro+freeze"; E2E_EXTRA=(); GEN_EXTRA=(--cuda-graph)
   TESTS=(tests/test_gpu.py tests/test_metrics_inception.py tests/test_generate_noise.py)
 fi

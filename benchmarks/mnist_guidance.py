@@ -63,7 +63,8 @@ def main(argv=None) -> None:
     from ddpmkit.build import build_diffusion
     from ddpmkit.diffusion import make_sampler
     from ddpmkit.generation import Guidance, class_grid_indices, class_labels, sample_indexed
-    from ddpmkit.models.loading import image_shape, load_model_from_checkpoint
+    from ddpmkit.interop.sources import load_model_from_checkpoint
+    from ddpmkit.models.loading import image_shape
     from ddpmkit.utils.images import save_grid, to_uint8
 
     args = parse_args(argv)

@@ -6,8 +6,8 @@ fraction of the GPU's peak and peak memory, for a config's UNet with random weig
         --samplers ddim:100 dpm-solver++:20 --modes fp32 bf16 bf16+graph bf16+compile
 
 A sampler is `name` or `name:steps` (ddim and dpm-solver++; default --steps). A mode is
-`+`-joined options, built exactly as `ddpmkit generate` builds them: fp32 | bf16 (autocast
-network, float32 sampler), cl (channels_last), compile | compile-ro | compile-ma (torch.compile
+`+`-joined options, built exactly as `ddpmkit generate` builds them: fp32 | bf16 | fp16
+(autocast network, float32 sampler), cl (channels_last), compile | compile-ro | compile-ma (torch.compile
 of the network in mode default | reduce-overhead | max-autotune-no-cudagraphs), graph
 (CUDA-graph replay of the network, `generate --cuda-graph`), freeze | nofreeze (compile with
 or without the weights frozen in; `generate --compile` freezes on CPUs only), and `overhead`:
@@ -36,10 +36,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     COMPILE_OPTIONS,
+    PRECISION_OPTIONS,
     count_flops,
     device_name,
     format_row,
     host_seconds,
+    mode_precision,
     peak_flops,
     peak_memory_mb,
     reset_peak_memory,
@@ -51,7 +53,7 @@ from ddpmkit.diffusion.samplers import SAMPLERS, make_sampler  # noqa: E402
 from ddpmkit.generation import make_denoise_fn, sample_indexed  # noqa: E402
 from ddpmkit.models.loading import build_from_config, image_shape  # noqa: E402
 
-MODE_OPTIONS = ({"fp32", "bf16", "cl", "graph", "overhead", "freeze", "nofreeze"}
+MODE_OPTIONS = ({*PRECISION_OPTIONS, "cl", "graph", "overhead", "freeze", "nofreeze"}
                 | set(COMPILE_OPTIONS))
 DEFAULT_CPU_MODES = ["fp32", "bf16"]
 DEFAULT_GPU_MODES = ["fp32", "bf16", "bf16+graph", "bf16+compile"]
@@ -64,7 +66,7 @@ def parse_mode(mode: str) -> dict:
         raise SystemExit(f"unknown mode option(s) {sorted(unknown)} in {mode!r}; "
                          f"choose from {sorted(MODE_OPTIONS)}")
     compile_modes = [COMPILE_OPTIONS[p] for p in parts if p in COMPILE_OPTIONS]
-    return {"precision": "bf16" if "bf16" in parts else "fp32", "channels_last": "cl" in parts,
+    return {"precision": mode_precision(parts, mode), "channels_last": "cl" in parts,
             "compile": compile_modes[0] if compile_modes else None, "graph": "graph" in parts,
             "overhead": "overhead" in parts,
             "freeze": True if "freeze" in parts else False if "nofreeze" in parts else None}
@@ -93,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", default=None,
                    help=f"default {' '.join(DEFAULT_CPU_MODES)} on CPU, "
                         f"{' '.join(DEFAULT_GPU_MODES)} on CUDA")
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
+    p.add_argument("--precision", nargs="+", choices=PRECISION_OPTIONS, default=None,
                    help="shorthand for --modes with these precisions (plus cl with "
                         "--channels-last)")
     p.add_argument("--channels-last", action="store_true", help="with --precision: add cl")

@@ -11,7 +11,8 @@ measured in the same process at the same time:
 On CUDA, "host ms" is the time the CPU takes to issue one step to an idle GPU: when it is close
 to "ms/step", the step is launch-bound (the GPU waits for Python and the kernel launches).
 
-A mode is `+`-joined options: fp32 | bf16 (autocast, fp32 master weights), cl (channels_last),
+A mode is `+`-joined options: fp32 | bf16 | fp16 (autocast, fp32 master weights; fp16 with
+dynamic loss scaling, as `train --precision fp16`), cl (channels_last),
 fused (fused Adam), compile | compile-ro | compile-ma (torch.compile of the model in mode
 default | reduce-overhead, i.e. with CUDA graphs | max-autotune-no-cudagraphs).
 """
@@ -25,10 +26,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     COMPILE_OPTIONS,
+    PRECISION_OPTIONS,
     count_flops,
     device_name,
     format_row,
     host_seconds,
+    mode_precision,
     peak_flops,
     peak_memory_mb,
     reset_peak_memory,
@@ -37,7 +40,7 @@ from common import (  # noqa: E402
 )
 
 from ddpmkit.build import build_diffusion  # noqa: E402
-from ddpmkit.devices import compile_module  # noqa: E402
+from ddpmkit.devices import autocast_dtype, compile_module  # noqa: E402
 from ddpmkit.models import build_model  # noqa: E402
 from ddpmkit.training.images import ImageTrainer  # noqa: E402
 
@@ -48,11 +51,11 @@ DEFAULT_GPU_MODES = ["fp32", "bf16+fused", "bf16+fused+compile", "bf16+fused+com
 
 def parse_mode(mode: str):
     parts = set(mode.split("+"))
-    unknown = parts - {"fp32", "bf16", "cl", "fused"} - set(COMPILE_OPTIONS)
+    unknown = parts - {*PRECISION_OPTIONS, "cl", "fused"} - set(COMPILE_OPTIONS)
     if unknown:
         raise SystemExit(f"unknown mode option(s) {sorted(unknown)} in {mode!r}")
     compile_modes = [COMPILE_OPTIONS[p] for p in parts if p in COMPILE_OPTIONS]
-    return {"precision": "bf16" if "bf16" in parts else "fp32", "channels_last": "cl" in parts,
+    return {"precision": mode_precision(parts, mode), "channels_last": "cl" in parts,
             "fused": "fused" in parts, "compile": compile_modes[0] if compile_modes else None}
 
 
@@ -71,7 +74,7 @@ def make_trainer(config, batch_size, device, opts, steps):
         net, diffusion, data, epochs=10**6, lr=2e-4, warmup_steps=0, grad_clip=1.0,
         ema_decay=0.9999, device=device, seed=0, progress=False, log_every=10**9,
         fused=True if opts["fused"] else None,
-        amp_dtype=torch.bfloat16 if opts["precision"] == "bf16" else None,
+        amp_dtype=autocast_dtype(opts["precision"]),
         random_flip=True, global_batch=batch_size, micro_batch=batch_size,
         channels_last=opts["channels_last"])
     return trainer, model, data

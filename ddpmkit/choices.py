@@ -33,14 +33,18 @@ DDIM_STEP_TARGETS = ("next", "stride")
 
 # data (ddpmkit.data)
 IMAGE_DATASETS = ("mnist", "cifar10", "celeba", "celebahq", "folder")
+CONFIG_DATASETS = IMAGE_DATASETS[:-1]  # those with a shipped configs/<name>.json: not folder
 TOY_DATASETS = ("gaussian8", "gaussian25", "swissroll")
 # How a folder image reaches --image-size (ddpmkit.data.folder.ResizeTo).
 RESIZE_MODES = ("center-crop", "resize", "pad")
 
-# training and speed (ddpmkit.training, ddpmkit.devices)
+# training and speed (ddpmkit.training, ddpmkit.runtime.devices)
 LR_DECAYS = ("none", "cosine", "linear")
 OPTIMIZERS = ("adam", "adamw")
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where it is native (devices.resolve_precision)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: devices.resolve_precision
 # torch.compile modes (`--compile MODE`). reduce-overhead adds CUDA graphs (fewer kernel
 # launches); the max-autotune modes also benchmark kernel choices, so they compile longer.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# pictures (ddpmkit.utils.images): animation files, by suffix
+ANIMATION_FORMATS = ("gif", "webp")

@@ -49,6 +49,23 @@ def find_config_file(dataset: str, config_path: Optional[str] = None,
     )
 
 
+def architecture_config(dataset: Optional[str], config_path: Optional[str] = None,
+                        config_dir: Optional[str] = None,
+                        required: bool = True) -> Optional[Dict[str, Any]]:
+    """The config giving the architecture of a checkpoint file that carries none:
+    `config_path`, else `<dataset>.json` (see `find_config_file`); None when neither is named,
+    or, unless `required`, when `dataset` has no config file."""
+    if not config_path and not dataset:
+        return None
+    folder = os.path.expanduser(config_dir) if config_dir else None
+    try:
+        return load_json(find_config_file(dataset or "", config_path or None, folder))
+    except UserError:
+        if required or config_path:
+            raise
+        return None
+
+
 def load_json(path: str) -> Dict[str, Any]:
     """Read a JSON config file (plain data only: no code runs from a config)."""
     try:
@@ -56,6 +73,8 @@ def load_json(path: str) -> Dict[str, Any]:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read config {path!r}: {exc}") from exc
+    except (UnicodeDecodeError, RecursionError) as exc:  # a binary file, absurd nesting
+        raise UserError(f"cannot read config {path!r}: not a UTF-8 JSON text file") from exc
     if not isinstance(data, dict):
         raise UserError(f"config {path!r} must hold a JSON object at the top level")
     return data

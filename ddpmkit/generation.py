@@ -35,12 +35,12 @@ from typing import Callable
 
 import torch
 
-from ddpmkit.devices import compile_mode, compile_module, inductor_freezing
 from ddpmkit.diffusion.gaussian import DenoiseFn
 from ddpmkit.diffusion.guidance import ConditionalNet, classifier_free_guidance
 from ddpmkit.diffusion.samplers import NoiseFn, StepInfo, sample
 from ddpmkit.errors import UserError
-from ddpmkit.training.distributed import DistInfo, env_dist_info
+from ddpmkit.runtime.devices import autocast_dtype, compile_mode, compile_module, inductor_freezing
+from ddpmkit.runtime.distributed import DistInfo, env_dist_info
 from ddpmkit.utils.images import TEMP_SUFFIX, to_uint8, write_file_atomic, write_png
 
 log = logging.getLogger(__name__)
@@ -267,8 +267,8 @@ def make_denoise_fn(model: torch.nn.Module, precision: str, device, channels_las
                     freeze: bool | None = None):
     """The network as the sampler calls it, `fn(x_t, t) -> float32 output` (or `fn(x_t, t, y)`
     for a class-conditional network: the labels are an input of every fast path, a CUDA graph
-    included), with the requested fast paths: bf16 autocast (`precision="bf16"`; the
-    sampler's arithmetic stays float32), channels_last weights and inputs, torch.compile
+    included), with the requested fast paths: bf16 or fp16 autocast (`precision="bf16"` /
+    `"fp16"`; the sampler's arithmetic stays float32), channels_last weights and inputs, torch.compile
     (`compile_model`: True or a mode name), and CUDA-graph replay.
 
     `freeze` (default: on CPUs) freezes a compiled network's weights in: inductor treats them
@@ -283,7 +283,7 @@ def make_denoise_fn(model: torch.nn.Module, precision: str, device, channels_las
         model = model.to(memory_format=torch.channels_last)
     mode = compile_mode(compile_model)
     net = compile_module(model, mode)
-    autocast = precision == "bf16"
+    amp_dtype = autocast_dtype(precision)
     if freeze is None:
         freeze = device.type == "cpu"
     freezing = mode is not None and freeze
@@ -297,7 +297,8 @@ def make_denoise_fn(model: torch.nn.Module, precision: str, device, channels_las
         # No weight-cast cache: each weight is used once per call, and a cache would hold
         # tensors across CUDA-graph captures.
         with inductor_freezing(freezing), torch.autocast(
-                device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
+                device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None,
+                cache_enabled=False):
             return (net(x_t, t) if y is None else net(x_t, t, y)).float()
 
     if cuda_graph:

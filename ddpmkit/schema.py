@@ -159,8 +159,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "chkpt_every_steps": _int("updates between rolling checkpoints (0: off)", 0, low=0),
         "log_intv": _int("updates between log.jsonl records", 50, low=1),
         "seed": _int("random seed", 1234),
-        "precision": _choice("network precision: bf16 autocast, fp32, or auto (bf16 where "
-                             "the GPU or CPU has it natively, else fp32)", "auto", PRECISIONS),
+        "precision": _choice("network precision: bf16 or fp16 autocast (fp16 with loss "
+                             "scaling), fp32, or auto (bf16 where the GPU or CPU has it "
+                             "natively, fp16 on older GPUs, else fp32)", "auto", PRECISIONS),
         "channels_last": _bool("channels_last memory format (null: off)", nullable=True),
         "compile": Key("compile", "torch.compile the model: a mode (" + ", ".join(COMPILE_MODES)
                        + "), true (default mode) or null/false (off)", nullable=True),
@@ -197,6 +198,11 @@ def defaults() -> dict[str, dict[str, Any]]:
     """The built-in value of every key that has one, laid out as sections."""
     return {section: {k: key.default for k, key in keys.items() if key.default is not None}
             for section, keys in SCHEMA.items()}
+
+
+def section_with_defaults(config: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """`config[section]` with the built-in value of every key it lacks (an older config)."""
+    return {**defaults()[section], **(config.get(section) or {})}
 
 
 def normalize(config: Mapping[str, Any]) -> dict[str, Any]:

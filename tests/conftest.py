@@ -5,6 +5,10 @@ import os
 import pytest
 import torch
 
+from ddpmkit import devices
+
+READ_CPU_FLAGS = devices.cpu_flags  # the probe itself, before any test patches it
+
 
 @pytest.fixture(scope="session", autouse=True)
 def single_threaded():
@@ -32,6 +36,26 @@ def private_cache_home(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = saved
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_native_bf16():
+    """`--precision auto`, the default of train and generate, picks bf16 on a CPU with native
+    bf16 (AVX512_BF16 / AMX) and fp32 elsewhere, so a test comparing numbers would pass on one
+    CPU and fail on another. In this process every test sees the CPU's flags minus the bf16
+    ones; tests of the probe patch `cpu_flags` themselves (`real_cpu_flags` restores it), and
+    tests that start other processes pass `--precision fp32`."""
+    flags = READ_CPU_FLAGS() - frozenset(devices.NATIVE_BF16_FLAGS)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(devices, "cpu_flags", lambda: flags)
+    yield
+    patch.undo()
+
+
+@pytest.fixture
+def real_cpu_flags(monkeypatch):
+    """The probe as it reads the system (undoing `cpu_without_native_bf16` for one test)."""
+    monkeypatch.setattr(devices, "cpu_flags", READ_CPU_FLAGS)
 
 
 @pytest.fixture(scope="module")

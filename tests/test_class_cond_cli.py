@@ -168,7 +168,7 @@ def test_unconditional_checkpoint_samples_as_before(tmp_path, capsys):
     (["--class-label", "-1"], "class label -1 is out of range"),
     (["--class-label", "zebra"], "class label 'zebra' is not a number or one of c0, c1, c2"),
     (["--guidance-scale", "-0.5"], "--guidance-scale must be a finite number >= 0"),
-    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
     (["--class-label", ","], "--class-label needs a class"),
 ])
 def test_generate_bad_labels(tmp_path, conditional_checkpoint, capsys, flags, needle):
@@ -351,7 +351,7 @@ def test_eval_per_class_errors(tmp_path, capsys, extra, needle):
 def test_train_class_flags_without_class_cond(tmp_path, capsys, flags):
     root = _image_folder(tmp_path / "data")
     code = _train(tmp_path, "--root", str(root), "--dry-run", *flags)
-    one_line_error(capsys, code, "apply to class-conditional runs: add --class-cond")
+    one_line_error(capsys, code, "applies to class-conditional runs: add --class-cond")
     assert not (tmp_path / "chkpts").exists() and not (tmp_path / "images").exists()
 
 

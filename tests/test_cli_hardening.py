@@ -227,19 +227,19 @@ def test_worker_counts_default_to_what_the_machine_has():
 
 
 # ---- the toy command reruns -----------------------------------------------------------------
-def test_toy_rerun_with_the_same_settings_replaces_and_other_settings_are_refused(
-        tmp_path, capsys):
+def test_toy_rerun_without_resume_keeps_the_saved_progress(tmp_path, capsys):
     args = ["train-toy", "--dataset", "gaussian8", "--size", "64", "--batch-size", "32",
             "--timesteps", "10", "--mid-features", "8", "--num-temporal-layers", "1",
             "--epochs", "1", "--num-eval-samples", "50", "--animation-format", "none",
             "--no-progress", "--chkpt-dir", str(tmp_path / "ck"), "--image-dir",
             str(tmp_path / "img")]
     assert ddpmkit_main(args) == 0
-    first = snapshot(tmp_path / "ck")
-    assert ddpmkit_main(args) == 0  # the same run again: the same files
-    again = snapshot(tmp_path / "ck")
-    assert {k for k in again if k.endswith(".pt")} == {k for k in first if k.endswith(".pt")}
+    first = snapshot(tmp_path)
     capsys.readouterr()
-    code = ddpmkit_main([*args, "--lr", "5e-4"])
-    one_line_error(capsys, code, "already holds another run's checkpoints")
+    for extra in ([], ["--lr", "5e-4"]):  # the same settings or others: refused like train
+        line = one_line_error(capsys, ddpmkit_main([*args, *extra]),
+                              "already holds another run's checkpoints", "--resume",
+                              "--overwrite", "--chkpt-dir")
+        assert "--exp-name" not in line  # train-toy has no such flag
+        assert snapshot(tmp_path) == first
     assert ddpmkit_main([*args, "--lr", "5e-4", "--overwrite"]) == 0

@@ -11,8 +11,8 @@ from ddpmkit.build import build_diffusion
 from ddpmkit.cli.eval import main as eval_main
 from ddpmkit.cli.train import main as train_main
 from ddpmkit.data.images import build_dataset
+from ddpmkit.interop.sources import load_model_from_checkpoint
 from ddpmkit.metrics.bpd import dataset_bpd
-from ddpmkit.models.loading import load_model_from_checkpoint
 
 TINY = ["--hid-channels", "32", "--ch-multipliers", "1,2", "--num-res-blocks", "1",
         "--apply-attn", "0,0", "--drop-rate", "0", "--timesteps", "10", "--num-workers", "0",

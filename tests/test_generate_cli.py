@@ -168,7 +168,10 @@ def test_grayscale_dataset(tmp_path, capsys):
     (["--chkpt-path", "{ckpt}", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA"),
     (["--chkpt-path", "{ckpt}", "--cuda-graph", "--compile", "reduce-overhead"], "use one of"),
     (["--chkpt-path", "{ckpt}", "--compile", "fastest"], "invalid choice: 'fastest'"),
-    (["--dataset", "mnist", "--chkpt-dir", "{tmp}"], "ddpm_mnist.pt' does not exist"),
+    (["--dataset", "mnist", "--chkpt-dir", "{tmp}"], "ddpm_mnist.pt nor ddpm_mnist_*.pt"),
+    (["--chkpt-path", "{ckpt}", "--sampler", "ddim", "--eta", "nan"],
+     "--eta must be a finite number, got nan"),
+    (["--chkpt-path", "{ckpt}", "--save-dir", "/proc/x"], "--save-dir /proc/x: cannot create"),
 ])
 def test_bad_input_is_one_line(tmp_path, tiny_checkpoint, capsys, argv, message):
     with open(tiny_checkpoint, "rb") as f:
@@ -196,6 +199,11 @@ def test_checkpoint_found_in_chkpt_dir(tmp_path):
     (tmp_path / "ddpm_mnist_50.pt").write_bytes(b"damaged")  # skipped
     os.utime(tmp_path / "ddpm_mnist_step300.pt", (1e9, 1e9))  # the oldest file
     assert checkpoint_path(args) == str(tmp_path / "ddpm_mnist_step300.pt")
+    # what a default `train` writes: <chkpt-dir>/<dataset>/, by the step inside as well
+    os.makedirs(tmp_path / "mnist")
+    save_checkpoint({"step": 400}, str(tmp_path / "mnist" / "ddpm_mnist_3.pt"))
+    save_checkpoint({"step": 100}, str(tmp_path / "mnist" / "ddpm_mnist_1.pt"))
+    assert checkpoint_path(args) == str(tmp_path / "mnist" / "ddpm_mnist_3.pt")
     (tmp_path / "ddpm_mnist.pt").write_bytes(b"x")  # the reference's fixed name wins
     assert checkpoint_path(args) == str(tmp_path / "ddpm_mnist.pt")
 

@@ -52,7 +52,7 @@ def _torchrun(checkpoint, save_dir, batch_size):
     return _launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "generate.py", "--chkpt-path", checkpoint, "--total-size", str(TOTAL),
                     "--batch-size", str(batch_size), "--save-dir", str(save_dir),
-                    "--device", "cpu", "--no-progress"])
+                    "--device", "cpu", "--precision", "fp32", "--no-progress"])
 
 
 def _pngs(folder):
@@ -88,7 +88,7 @@ def test_torchrun_resume_fills_only_the_gaps(checkpoint, one_process, tmp_path):
 def test_num_gpus_spawn_on_cpu_matches_one(checkpoint, one_process, tmp_path):
     proc = _launch(["generate.py", "--chkpt-path", checkpoint, "--total-size", str(TOTAL),
                     "--batch-size", "5", "--save-dir", str(tmp_path), "--num-gpus", "2",
-                    "--device", "cpu", "--no-progress"])
+                    "--device", "cpu", "--precision", "fp32", "--no-progress"])
     assert proc.returncode == 0, proc.stderr
     assert f"{TOTAL} of {TOTAL} samples" in proc.stdout
     assert _pngs(tmp_path / "cifar10") == one_process

@@ -73,8 +73,12 @@ def test_generate_samples_the_ema_weights_by_default(files, layout, tmp_path, ca
                for r in caplog.records)
     _, ema, _ = _generate(files, "ema", tmp_path / "ema")  # the EMA state alone
     assert default == ema
+    caplog.clear()
     code, raw_flag, manifest = _generate(files, layout, tmp_path / "no_ema", "--no-ema")
     assert code == 0 and manifest["use_ema"] is False
+    said = [r.getMessage() for r in caplog.records if "raw weights" in r.getMessage()]
+    assert said and all("holds no EMA weights" not in m and "also holds EMA" in m
+                        for m in said), said
     _, raw, _ = _generate(files, "raw", tmp_path / "raw")
     assert raw_flag == raw and raw_flag != default
     _, explicit, _ = _generate(files, layout, tmp_path / "use_ema", "--use-ema")
@@ -193,15 +197,15 @@ def test_cli_ddim_switches_reach_the_sampler_and_the_manifest(files, tmp_path, c
 
 def test_eval_bpd_passes_the_weight_flags_to_the_loader(monkeypatch, capsys):
     from ddpmkit.cli import eval as cli_eval
-    from ddpmkit.models import loading
+    from ddpmkit.interop import sources
 
     seen = []
 
     def fake_loader(path, config, use_ema, device, group_norm_eps=None):
         seen.append((use_ema, group_norm_eps))
-        raise loading.UserError("stop here")
+        raise sources.UserError("stop here")
 
-    monkeypatch.setattr(loading, "load_model_from_checkpoint", fake_loader)
+    monkeypatch.setattr(sources, "load_model_from_checkpoint", fake_loader)
     base = ["--metrics", "bpd", "--chkpt-path", "x.pt", "--device", "cpu"]
     for flags in ([], ["--no-ema"], ["--use-ema", "--group-norm-eps", "1e-6"]):
         assert cli_eval.main([*base, *flags]) == 2

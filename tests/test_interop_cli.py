@@ -18,8 +18,7 @@ from ddpmkit.cli.eval import main as eval_main
 from ddpmkit.cli.generate import main as generate_main
 from ddpmkit.errors import UserError
 from ddpmkit.generation import MANIFEST_NAME
-from ddpmkit.interop.sources import checkpoint_digest, resolve_checkpoint
-from ddpmkit.models.loading import load_model_from_checkpoint
+from ddpmkit.interop.sources import checkpoint_digest, load_model_from_checkpoint, resolve_checkpoint
 
 pytest.importorskip("diffusers")
 HUB_ID = "google/ddpm-cifar10-32"

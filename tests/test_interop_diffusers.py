@@ -33,7 +33,7 @@ from ddpmkit.interop.diffusers_format import (
     unet_config_from_model,
 )
 from ddpmkit.interop.diffusers_scheduler import diffusion_config_from_scheduler
-from ddpmkit.models.loading import load_model_from_checkpoint
+from ddpmkit.interop.sources import load_model_from_checkpoint
 from ddpmkit.models.unet import build_model, count_parameters
 
 diffusers = pytest.importorskip("diffusers")
@@ -410,3 +410,30 @@ def test_a_plain_folder_and_a_lone_diffusers_weights_file_are_refused(tmp_path):
     save_model_folder(tmp_path / "m")
     with pytest.raises(UserError, match="pass the folder"):
         load_model_from_checkpoint(str(tmp_path / "m" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("shards", [False, True], ids=["one-file", "sharded"])
+def test_fp16_variant_weights_load_into_a_float32_network(tmp_path, shards, one_thread, caplog):
+    """`save_pretrained(variant="fp16")` folders (diffusion_pytorch_model.fp16.safetensors, or
+    shards named by diffusion_pytorch_model.safetensors.index.fp16.json) load exactly."""
+    import logging
+
+    unet = save_model_folder(tmp_path / "f32")
+    half = unet.half()
+    (tmp_path / "f16").mkdir()
+    kwargs = {"max_shard_size": "20KB"} if shards else {}
+    half.save_pretrained(str(tmp_path / "f16"), variant="fp16", **kwargs)
+    for name in ("scheduler_config.json", "model_index.json"):
+        (tmp_path / "f16" / name).write_bytes((tmp_path / "f32" / name).read_bytes())
+    index = tmp_path / "f16" / "diffusion_pytorch_model.safetensors.index.fp16.json"
+    assert index.is_file() == shards
+    with caplog.at_level(logging.INFO):
+        model, _ = load_model_from_checkpoint(str(tmp_path / "f16"))
+    assert "fp16 weights" in caplog.text
+    got = model.state_dict()
+    assert all(v.dtype == torch.float32 for v in got.values())
+    # every tensor is the fp16 value, exactly: the float32 network computes what diffusers'
+    # network computes from the same fp16 weights in float32
+    ours, theirs = _outputs(half.float(), model, (3, 8, 8))
+    assert rel_error(ours, theirs) < 1e-5
+    assert all(torch.equal(v, v.half().float()) for v in got.values())

@@ -15,9 +15,11 @@ from ddpmkit.build import build_diffusion
 from ddpmkit.cli.export import main as export_main
 from ddpmkit.errors import UserError
 from ddpmkit.interop.export import export_checkpoint
-from ddpmkit.models.loading import build_from_config, load_model_from_checkpoint
+from ddpmkit.interop.sources import load_model_from_checkpoint
+from ddpmkit.models.loading import build_from_config
 from ddpmkit.models.unet import MODEL_DEFAULTS
 from ddpmkit.training.checkpoint import save_checkpoint
+from ddpmkit.utils.io import OWNED_MARKER
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -51,7 +53,7 @@ def _eps(model, x, t):
 def test_diffusers_export_is_the_same_network(exported, one_thread):
     root, _, avg, result = exported
     assert result.weights == "ema" and result.format == "diffusers"
-    assert sorted(os.listdir(root / "out")) == ["model_index.json", "scheduler", "unet"]
+    assert sorted(os.listdir(root / "out")) == [OWNED_MARKER, "model_index.json", "scheduler", "unet"]
     unet = diffusers.UNet2DModel.from_pretrained(str(root / "out"), subfolder="unet").eval()
     x, t = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)), \
         torch.tensor([0, 4, 9])
@@ -174,34 +176,44 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     (out / "mine.txt").write_text("keep")
     with pytest.raises(UserError, match="--overwrite"):
         export_checkpoint(str(tmp_path / "c.pt"), str(out), "diffusers")
+    # An export holding a file it did not write is not replaced, even with --overwrite.
+    with pytest.raises(UserError, match="did not write .mine.txt"):
+        export_checkpoint(str(tmp_path / "c.pt"), str(out), "diffusers", overwrite=True)
     assert (out / "mine.txt").read_text() == "keep"
+    (out / "mine.txt").unlink()
     export_checkpoint(str(tmp_path / "c.pt"), str(out), "diffusers", overwrite=True)
-    assert not (out / "mine.txt").exists() and (out / "unet" / "config.json").exists()
+    assert (out / "unet" / "config.json").exists()
     (tmp_path / "w.safetensors").write_text("x")
     with pytest.raises(UserError, match="--overwrite"):
         export_checkpoint(str(tmp_path / "c.pt"), str(tmp_path / "w.safetensors"), "safetensors")
+    with pytest.raises(UserError, match="not a file ddpmkit wrote"):
+        export_checkpoint(str(tmp_path / "c.pt"), str(tmp_path / "w.safetensors"), "safetensors",
+                          overwrite=True)
+    assert (tmp_path / "w.safetensors").read_text() == "x"
     with pytest.raises(UserError, match="is a folder"):
         export_checkpoint(str(tmp_path / "c.pt"), str(out), "safetensors", overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == ["c.pt", "out", "w.safetensors"]
+    export_checkpoint(str(tmp_path / "c.pt"), str(tmp_path / "m.safetensors"), "safetensors")
+    export_checkpoint(str(tmp_path / "c.pt"), str(tmp_path / "m.safetensors"), "safetensors",
+                      overwrite=True)  # its own earlier export is replaced
+    assert sorted(os.listdir(tmp_path)) == ["c.pt", "m.safetensors", "out", "w.safetensors"]
 
 
-def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
+def test_a_failed_export_leaves_the_previous_one(tmp_path, monkeypatch):
     import ddpmkit.interop.diffusers_folder as folder_module
 
     _checkpoint(tmp_path / "c.pt")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.txt").write_text("old")
+    export_checkpoint(str(tmp_path / "c.pt"), str(tmp_path / "out"), "diffusers")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
 
     def fail(folder, *args):
         os.makedirs(os.path.join(folder, "unet"))
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(folder_module, "write_pipeline_folder", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="cannot write .*No space left on device"):
         export_checkpoint(str(tmp_path / "c.pt"), str(tmp_path / "out"), "diffusers",
                           overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == ["c.pt", "out"]
-    assert os.listdir(tmp_path / "out") == ["old.txt"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 # ---- the command ---------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from helpers import tiny_config
 
 from ddpmkit.config import find_config_file, load_json
 from ddpmkit.errors import UserError
+from ddpmkit.interop.sources import load_model_from_checkpoint
 from ddpmkit.models.loading import (
     build_from_config,
-    load_model_from_checkpoint,
     select_weights,
     strip_prefixes,
 )

@@ -291,8 +291,12 @@ def test_download_when_missing(weights_file, http_server, tmp_path):
     # a download whose hash is wrong is not kept
     bad = dataclasses.replace(spec, sha256="f" * 64)
     with pytest.raises(UserError, match="sha256"):
-        resolve_inception_weights(spec=bad, cache_dir=str(tmp_path / "other"))
-    assert os.listdir(tmp_path / "other") == []
+        resolve_inception_weights(spec=bad, cache_dir=str(tmp_path / "other" / "checkpoints"))
+    assert not (tmp_path / "other").exists()  # nor the empty folders made for it
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays
+    with pytest.raises(UserError, match="sha256"):
+        resolve_inception_weights(spec=bad, cache_dir=str(tmp_path / "kept"))
+    assert os.listdir(tmp_path / "kept") == []
 
 
 def test_cache_lookup_names_and_default_dir(weights_file, tmp_path, monkeypatch):

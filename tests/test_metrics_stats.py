@@ -15,7 +15,6 @@ from ddpmkit.metrics.folder import (
     dataset_batches,
     folder_batches,
     list_images,
-    to_uint8,
 )
 from ddpmkit.metrics.inception import (
     FIDInceptionV3,
@@ -30,6 +29,7 @@ from ddpmkit.metrics.stats import (
     stale_reason,
     stats_from_features,
 )
+from ddpmkit.utils.images import quantize
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +156,11 @@ def test_folder_grey_and_mixed_sizes(tmp_path):
         list_images(str(tmp_path / "empty"))
 
 
-def test_to_uint8_inverts_the_dataset_scaling():
+def test_quantize_inverts_the_dataset_scaling():
     u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
     x = u.float() / 127.5 - 1.0
-    assert torch.equal(to_uint8(x), u)
-    assert torch.equal(to_uint8(u), u)
+    assert torch.equal(quantize(x), u)
+    assert torch.equal(quantize(u), u)
 
 
 def test_dataset_batches_take_images_of_pairs():

@@ -50,7 +50,7 @@ def test_explicit_bf16_on_an_emulating_cpu_warns_and_runs(without_native_bf16, c
     assert devices.resolve_precision("fp32", CPU).name == "fp32" and not caplog.records
 
 
-def test_the_cpu_flags_are_read_from_the_system():
+def test_the_cpu_flags_are_read_from_the_system(real_cpu_flags):
     flags = devices.cpu_flags()
     assert isinstance(flags, frozenset)
     assert devices.cpu_capability().split(" + ")[0] == torch.backends.cpu.get_cpu_capability()

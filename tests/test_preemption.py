@@ -37,7 +37,7 @@ def common(cifar_root, *extra, batch=4):
     # dropout on, so a resumed run must restore the global RNG it draws from
     return ["--dataset", "cifar10", "--root", str(cifar_root), *TINY, "--batch-size",
             str(batch), "--use-ema", "--ema-decay", "0.9", "--drop-rate", "0.1",
-            "--num-save-images", "0", *extra]
+            "--num-save-images", "0", "--precision", "fp32", *extra]
 
 
 def same_training_state(a, b):
@@ -94,6 +94,23 @@ def test_a_second_ctrl_c_aborts_at_once(monkeypatch, capsys):
         stop._handle(signal.SIGINT, None)
     assert exits == [130]
     assert "aborted by a second SIGINT" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_ignores_the_terminals_ctrl_c(caplog):
+    """Ctrl-C reaches every process of the terminal's group, DataLoader workers included:
+    only the process that installed the flag records and announces it (once)."""
+    with StopFlag() as stop:
+        pid = os.fork()
+        if pid == 0:  # the "worker": its inherited handler must do nothing
+            os.kill(os.getpid(), signal.SIGINT)
+            os._exit(0 if stop.signum is None else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert stop.signum is None
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+    assert [r.getMessage()[:15] for r in caplog.records] == ["SIGINT received"]
 
 
 def test_a_stop_during_epoch_end_work_stops_before_the_next_update(tmp_path):

@@ -81,3 +81,60 @@ def test_readme_quick_start_toy_run(tmp_path):
     output = proc.stdout + proc.stderr
     assert "modes" in output and "KL" in output
     assert list(tmp_path.glob("chkpts/*.pt")) and list(tmp_path.glob("images/train/*/*.png"))
+
+
+def test_readme_generate_finds_what_a_default_train_wrote(tmp_path, monkeypatch, one_thread):
+    """`ddpmkit train --dataset cifar10` then `ddpmkit generate --dataset cifar10 ...` (the
+    README's class-label example without a --chkpt-path) in the same folder: generate finds
+    the checkpoint train wrote under ./chkpts/cifar10/."""
+    from helpers import TINY, write_fake_cifar
+
+    from ddpmkit.cli.generate import main as generate_main
+    from ddpmkit.cli.train import main as train_main
+
+    write_fake_cifar(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    examples = [argv for module, argv in COMMANDS if module == "generate"
+                and "--chkpt-path" not in argv and argv[:2] == ["--dataset", "cifar10"]]
+    assert examples  # the README shows such a command
+    assert train_main(["--dataset", "cifar10", "--root", "data", *TINY, "--batch-size", "4",
+                       "--max-steps", "2", "--precision", "fp32"]) == 0
+    assert (tmp_path / "chkpts" / "cifar10").is_dir()
+    assert generate_main(["--dataset", "cifar10", "--total-size", "2", "--batch-size", "2",
+                          "--sampler", "ddim", "--steps", "2", "--precision", "fp32",
+                          "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "images" / "eval" / "cifar10").glob("*.png")) \
+        == ["000000.png", "000001.png"]
+
+
+# The quick-start toy run takes minutes (tested as slow above); a download needs the network.
+_OFFLINE = [(m, a) for m, a in COMMANDS if m != "train_toy" and "--download" not in a]
+
+
+def test_readme_commands_in_an_empty_folder_end_cleanly(tmp_path, monkeypatch, capsys):
+    """Every README command, typed in an empty folder (no data, checkpoints or GPUs): exit 0 or
+    2 with one line saying what is missing, never a traceback, and nothing written."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/datasets, ~/photos: empty
+    for module, argv in _OFFLINE:
+        code = importlib.import_module(f"ddpmkit.cli.{module}").main(list(argv))
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err, (argv, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_readme_checkpoint_paths_are_where_train_writes():
+    """The checkpoints the README's generate / eval / export commands read are at the paths
+    `ddpmkit train` writes (<chkpt-dir>/<dataset>/ddpm_<dataset>_<epoch>.pt) or the reference's
+    (./chkpts/ddpm_<dataset>_<epoch>.pt)."""
+    ours = re.compile(r"^\./chkpts/(\w+)/ddpm_\1_\d+\.pt$")
+    reference = re.compile(r"^\./chkpts/ddpm_\w+_\d+\.pt$")
+    paths = [a[a.index("--chkpt-path") + 1] for _, a in COMMANDS if "--chkpt-path" in a]
+    paths += [a[0] for m, a in COMMANDS if m == "export"]
+    checked = [p for p in paths if p.endswith(".pt")]
+    assert len(checked) >= 5
+    for path in checked:
+        assert ours.match(path) or reference.match(path), path

@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpmkit.utils.plots import save_animation, save_scatter
+from ddpmkit.utils.images import PLOT_FRAMES, save_animation
+from ddpmkit.utils.plots import save_scatter
 
 
 def test_scatter_png(tmp_path):
@@ -22,7 +23,7 @@ def test_animation(tmp_path, ext):
         pytest.skip("PIL built without WebP")
     frames = [Image.new("RGB", (600, 300), (i * 80, 0, 0)) for i in range(3)]
     path = tmp_path / f"a.{ext}"
-    save_animation(str(path), frames)
+    save_animation(str(path), frames, PLOT_FRAMES)
     img = Image.open(path)
     assert img.n_frames == 3
     assert img.width == 480  # scaled down
@@ -30,4 +31,4 @@ def test_animation(tmp_path, ext):
 
 def test_animation_rejects_unknown_format(tmp_path):
     with pytest.raises(ValueError):
-        save_animation(str(tmp_path / "a.mp4"), [Image.new("RGB", (4, 4))])
+        save_animation(str(tmp_path / "a.mp4"), [Image.new("RGB", (4, 4))], PLOT_FRAMES)

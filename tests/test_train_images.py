@@ -154,7 +154,8 @@ def _torchrun(nproc, argv, cwd):
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(cifar_root, tmp_path):
     common = ["--dataset", "cifar10", "--root", str(cifar_root), "--batch-size", "8",
-              "--num-accum", "2", "--max-steps", "3", "--num-save-images", "0", *TINY]
+              "--num-accum", "2", "--max-steps", "3", "--num-save-images", "0", *TINY,
+              "--precision", "fp32"]  # other processes: the conftest pin does not reach them
     # TINY turns dropout off: each process has its own dropout RNG
     single = _torchrun(1, [*common, *run_args(tmp_path, "one")], tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]

@@ -160,6 +160,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert t.epoch == 1
 
 
+def test_nan_stop_names_the_epoch_of_the_loss(tmp_path):
+    """A 2-epoch run whose loss turns NaN in its last epoch says epoch 2, not 3."""
+    t = _setup(tmp_path, epochs=2, ema_decay=None, log_every=1000)
+    t.fit(until_epoch=1)
+    with torch.no_grad():
+        t.model.out_fc.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"\(epoch 2\)"):
+        t.fit()
+
+
+def test_a_finished_run_says_there_is_nothing_to_train(tmp_path, caplog):
+    t = _setup(tmp_path, epochs=3)
+    t.fit()
+    shorter = _setup(tmp_path / "b", epochs=2)
+    shorter.load_state_dict(t.state_dict())
+    with caplog.at_level("WARNING"):
+        summary = shorter.fit()
+    assert summary["steps_run"] == 0
+    assert any("nothing to train: the state is at epoch 3" in r.getMessage()
+               and "ends at epoch 2" in r.getMessage() for r in caplog.records)
+
+
 def test_jsonl_log(tmp_path):
     t = _setup(tmp_path)
     t.fit(until_epoch=2)

@@ -9,12 +9,13 @@ errors answer at once, and torch is imported inside the functions that do the wo
 
 import argparse
 import importlib
-import logging
+import math
 import re
 import sys
 from typing import Callable, List, Optional
 
 from ddpmkit.errors import UserError, cause_of_type, user_message
+from ddpmkit.runtime.logs import setup_logging  # noqa: F401  (the commands' entry points use it)
 
 # subcommand name -> (module under ddpmkit.cli, what it does)
 SUBCOMMANDS = {
@@ -27,7 +28,8 @@ SUBCOMMANDS = {
 
 USAGE = ("usage: ddpmkit {" + ",".join(SUBCOMMANDS) + "} [flags]\n\n"
          + "\n".join(f"  {name:<10} {what}" for name, (_, what) in SUBCOMMANDS.items())
-         + "\n\n`ddpmkit COMMAND --help` lists a command's flags and their defaults.")
+         + "\n\n`ddpmkit COMMAND --help` lists a command's flags and their defaults; "
+         + "`ddpmkit --version` prints the version.")
 
 # argparse reads "-1e-3" as an option, not a value: its test for negative numbers knows no
 # exponents. This one also accepts -1e-3, -2.5E+4, -.5e1.
@@ -57,6 +59,14 @@ class CLIParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message} (see --help)")
+
+    def _get_value(self, action, arg_string):
+        # Every number a flag takes is finite: NaN passes every `<` / `>` range check.
+        value = super()._get_value(action, arg_string)
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = action.option_strings[0] if action.option_strings else action.dest
+            raise UserError(f"{flag} must be a finite number, got {arg_string}")
+        return value
 
 
 def add_speed_flags(group, what: str) -> None:
@@ -119,7 +129,7 @@ def weights_choice(args) -> Optional[bool]:
 def run_guarded(fn: Callable[[], Optional[int]]) -> int:
     """Run a command body; a UserError or Ctrl-C becomes a one-line message and exit status 2
     or 130, not a traceback. (Training and generation stop gracefully on the first SIGINT or
-    SIGTERM themselves: see `ddpmkit.training.preemption`.)"""
+    SIGTERM themselves: see `ddpmkit.runtime.stops`.)"""
     try:
         code = fn()
     except UserError as exc:
@@ -136,20 +146,16 @@ def run_guarded(fn: Callable[[], Optional[int]]) -> int:
     return int(code or 0)
 
 
-def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """Plain `logging` to stderr; called by each command's entry point, never by library code.
-    `quiet` (processes other than rank 0) shows warnings and errors only."""
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(level)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from ddpmkit import __version__
+
+        print(f"ddpmkit {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"error: unknown subcommand {name!r}\n{USAGE}", file=sys.stderr)

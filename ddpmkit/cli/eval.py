@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+from ddpmkit.choices import CONFIG_DATASETS
 from ddpmkit.cli import (
     CLIParser,
     add_weights_flags,
@@ -28,7 +29,6 @@ from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("mnist", "cifar10", "celeba", "celebahq", "folder")  # folder: --root is it
 METRIC_CHOICES = ("fid", "pr", "kid", "is", "bpd")
 METRICS_FILE = "metrics.jsonl"
 # what each result key is called when printed
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ddpmkit eval",
         description="Evaluate generated images: FID, precision/recall, KID, Inception Score.")
     p.add_argument("--root", default="~/datasets", help="root directory of datasets")
-    p.add_argument("--dataset", choices=DATASETS, default="cifar10",
+    p.add_argument("--dataset", choices=CONFIG_DATASETS, default="cifar10",
                    help="reference dataset (also the default sample folder name)")
     p.add_argument("--ref-split", default="train",
                    help="split of --dataset used as the reference set")
@@ -156,7 +156,7 @@ def _check_counts(args: argparse.Namespace, metrics: list[str], num_samples: int
 
 def devices_of(args: argparse.Namespace):
     """(Inception device, distance/kernel device): --model-device / --eval-device, else --device."""
-    from ddpmkit.devices import resolve_device
+    from ddpmkit.runtime.devices import resolve_device
 
     return (resolve_device(args.model_device or args.device),
             resolve_device(args.eval_device or args.device))
@@ -221,21 +221,15 @@ def bits_per_dim(args: argparse.Namespace, device, progress: bool) -> dict:
     from torch.utils.data import DataLoader, Subset
 
     from ddpmkit.build import build_diffusion
-    from ddpmkit.config import find_config_file, load_json
+    from ddpmkit.config import architecture_config
     from ddpmkit.data.images import FolderOptions, build_dataset
+    from ddpmkit.interop.sources import load_model_from_checkpoint
     from ddpmkit.metrics.bpd import dataset_bpd
     from ddpmkit.metrics.folder import choose_subset
-    from ddpmkit.models.loading import load_model_from_checkpoint
 
     if not args.chkpt_path:
         raise UserError("--metrics bpd needs --chkpt-path FILE (the model to evaluate)")
-    fallback = None
-    if args.config_path or args.dataset:
-        try:
-            fallback = load_json(find_config_file(args.dataset, args.config_path))
-        except UserError:
-            if args.config_path:
-                raise
+    fallback = architecture_config(args.dataset, args.config_path, required=False)
     use_ema = weights_choice(args)
     model, config = load_model_from_checkpoint(args.chkpt_path, fallback, use_ema, device,
                                                group_norm_eps=args.group_norm_eps)
@@ -258,12 +252,40 @@ def bits_per_dim(args: argparse.Namespace, device, progress: bool) -> dict:
     return summary._asdict()
 
 
+def metrics_path_of(args: argparse.Namespace, sample_folder: str | None) -> str:
+    """Where the results are appended: beside the sample folder; for bits/dim alone, beside
+    the checkpoint (a Hub id: the working folder, not inside the Hugging Face cache)."""
+    if sample_folder:
+        return os.path.join(os.path.dirname(os.path.abspath(sample_folder)), METRICS_FILE)
+    if os.path.exists(os.path.expanduser(args.chkpt_path or "")):
+        return os.path.join(
+            os.path.dirname(os.path.abspath(os.path.expanduser(args.chkpt_path))), METRICS_FILE)
+    return os.path.abspath(METRICS_FILE)
+
+
+def check_outputs(args: argparse.Namespace, metrics: list[str]) -> None:
+    """Before any work: the folder of the metrics file can be written, and so can
+    --precomputed-dir when the dataset's statistics will be cached there for the first time."""
+    from ddpmkit.metrics.evaluate import NEEDS_REFERENCE
+    from ddpmkit.utils.io import check_writable_folder
+
+    only_bpd = set(metrics) == {"bpd"}
+    path = metrics_path_of(args, None if only_bpd else sample_folder_of(args))
+    check_writable_folder(os.path.dirname(path), f"{METRICS_FILE} folder")
+    needs_stats = (NEEDS_REFERENCE.intersection(metrics) or args.per_class) \
+        and not args.ref_folder
+    precomputed = os.path.expanduser(args.precomputed_dir)
+    if needs_stats and not os.path.isdir(precomputed):
+        check_writable_folder(precomputed, "--precomputed-dir")
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from ddpmkit.metrics.evaluate import NEEDS_REFERENCE, compute_metrics, per_class_fid
     from ddpmkit.metrics.folder import folder_batches
     from ddpmkit.metrics.inception import extract_features, load_fid_inception
 
     _check_args(args)
+    check_outputs(args, list(args.metrics))
     model_device, eval_device = devices_of(args)
     if args.tf32 and model_device.type != "cuda":
         raise UserError(f"--tf32 needs Inception on a CUDA GPU (Ampere or newer), not "
@@ -342,14 +364,7 @@ def _report(args, results, sample_folder, num_samples, ref, extractor,
         "checkpoint": _checkpoint_name(args.chkpt_path),
         "metrics": results,
     }
-    if sample_folder:
-        metrics_path = os.path.join(os.path.dirname(os.path.abspath(sample_folder)),
-                                    METRICS_FILE)
-    elif os.path.exists(os.path.expanduser(args.chkpt_path)):  # bits/dim only: beside it
-        metrics_path = os.path.join(
-            os.path.dirname(os.path.abspath(os.path.expanduser(args.chkpt_path))), METRICS_FILE)
-    else:  # a Hub id: not inside the Hugging Face cache
-        metrics_path = os.path.abspath(METRICS_FILE)
+    metrics_path = metrics_path_of(args, sample_folder)
     try:
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ddpmkit.choices import CONFIG_DATASETS
 from ddpmkit.cli import CLIParser, run_guarded, setup_logging
 from ddpmkit.errors import UserError
 from ddpmkit.interop.export import FORMATS
-
-CONFIG_DATASETS = ("mnist", "cifar10", "celeba", "celebahq")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,14 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 def export(argv: list[str] | None = None) -> int:
     import os
 
-    from ddpmkit.config import find_config_file, load_json
+    from ddpmkit.config import architecture_config
     from ddpmkit.interop.export import export_checkpoint
 
     args = build_parser().parse_args(argv)
-    fallback = None
-    if args.config_path or args.dataset:
-        fallback = load_json(find_config_file(args.dataset or "", args.config_path or None,
-                                              os.path.expanduser(args.config_dir)))
+    fallback = architecture_config(args.dataset, args.config_path, args.config_dir)
     if not args.out.strip():
         raise UserError("OUT must be a path")
     result = export_checkpoint(args.checkpoint, os.path.expanduser(args.out), args.format,

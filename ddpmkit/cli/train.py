@@ -226,9 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("speed")
     g.add_argument("--precision", choices=PRECISIONS, default=_d("train", "precision"),
-                   help="bf16: autocast (weights stay fp32); auto: bf16 on GPUs that support "
-                        "it and on CPUs with native bf16 (AVX512_BF16, AMX), else fp32 (bf16 "
-                        "is emulated there, 3-100x slower)")
+                   help="bf16: autocast (weights stay fp32); fp16: autocast with dynamic "
+                        "loss scaling, updates with inf/NaN gradients skipped and counted; "
+                        "auto: bf16 on GPUs that support it and on CPUs with native bf16 "
+                        "(AVX512_BF16, AMX), fp16 on older GPUs (compute capability below "
+                        "8.0), else fp32 (bf16 is emulated there, 3-100x slower)")
     add_speed_flags(g, "model")
 
     g = p.add_argument_group("devices and distributed")
@@ -425,7 +427,8 @@ def check_class_flags(config: Dict[str, Any], typed: Set[str]) -> None:
         return
     given = [f"--{d.replace('_', '-')}" for d in ("class_dropout", "guidance_scale") if d in typed]
     if given:
-        raise UserError(f"{' and '.join(given)} apply to class-conditional runs: add "
+        verb = "apply" if len(given) > 1 else "applies"
+        raise UserError(f"{' and '.join(given)} {verb} to class-conditional runs: add "
                         "--class-cond")
 
 

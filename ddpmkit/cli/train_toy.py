@@ -18,7 +18,7 @@ import math
 import sys
 from typing import Any
 
-from ddpmkit.choices import BETA_SCHEDULES, SAMPLERS, TOY_DATASETS
+from ddpmkit.choices import ANIMATION_FORMATS, BETA_SCHEDULES, SAMPLERS, TOY_DATASETS
 from ddpmkit.cli import CLIParser, add_objective_flags
 from ddpmkit.config import parse_with_explicit
 from ddpmkit.errors import UserError
@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint to resume from (with --resume; default: the one in "
                         "--chkpt-dir with the highest step)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier run of the dataset in --chkpt-dir made with other "
-                        "settings (one with the same settings is replaced without asking)")
+                   help="replace the saved run of the dataset in --chkpt-dir (its checkpoints, "
+                        "log and plots) with a new one")
     p.add_argument("--chkpt-every-minutes", type=float, default=10.0,
                    help="minutes between rolling checkpoints of the latest state (0: off)")
     p.add_argument("--lr-decay", choices=("none", "cosine", "linear"), default="none",
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling steps of every sampler but ddpm (ddim: T, heun: 10, the "
                         "others: 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--animation-format", choices=("gif", "webp", "none"), default="gif",
+    p.add_argument("--animation-format", choices=(*ANIMATION_FORMATS, "none"), default="gif",
                    help="format of the animation of the evaluation plots")
     p.add_argument("--class-cond", action="store_true",
                    help="class-conditional on the mixture's mode index (gaussian8, gaussian25), "

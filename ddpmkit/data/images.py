@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ddpmkit.choices import IMAGE_DATASETS
 from ddpmkit.data.folder import (
     IMAGE_EXTENSIONS,
     ResizeTo,
@@ -419,11 +420,11 @@ DATASETS: dict[str, ImageDatasetSpec] = {
             _load_celebahq, _celebahq_dirs),
         ImageDatasetSpec(
             "folder", 3, None, False, ("train", "all"), "train",
-            "ROOT itself: any tree of " + "/".join(IMAGE_EXTENSIONS) + " images",
+            f"ROOT itself: any tree of {'/'.join(IMAGE_EXTENSIONS)} images",
             _load_folder, lambda root: [root]),
     )
 }
-DATASET_NAMES = tuple(DATASETS)
+DATASET_NAMES = IMAGE_DATASETS  # the registry's keys, in this order (a test checks)
 
 
 def get_spec(name: str) -> ImageDatasetSpec:

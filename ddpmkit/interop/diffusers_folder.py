@@ -35,10 +35,16 @@ CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 MODEL_INDEX_NAME = "model_index.json"
 WEIGHTS_NAME = "diffusion_pytorch_model"
-# In the order diffusers prefers them; fp16 variants only when nothing else is there.
+# In the order diffusers prefers them; fp16 variants (`save_pretrained(variant="fp16")`:
+# one file, or shards named by a `.index.fp16.json`) only when nothing else is there. Their
+# tensors load into the float32 network exactly (every fp16 value is a float32 value).
+FP16_VARIANT = "fp16"
 WEIGHTS_FILES = (f"{WEIGHTS_NAME}.safetensors", f"{WEIGHTS_NAME}.safetensors.index.json",
                  f"{WEIGHTS_NAME}.bin", f"{WEIGHTS_NAME}.bin.index.json",
-                 f"{WEIGHTS_NAME}.fp16.safetensors", f"{WEIGHTS_NAME}.fp16.bin")
+                 f"{WEIGHTS_NAME}.{FP16_VARIANT}.safetensors",
+                 f"{WEIGHTS_NAME}.safetensors.index.{FP16_VARIANT}.json",
+                 f"{WEIGHTS_NAME}.{FP16_VARIANT}.bin",
+                 f"{WEIGHTS_NAME}.bin.index.{FP16_VARIANT}.json")
 PIPELINE_COMPONENTS = ("unet", "scheduler")
 PIPELINE_CLASS = "DDPMPipeline"
 FORMAT = "diffusers"
@@ -108,14 +114,15 @@ def weights_files(unet_dir: str) -> list[str]:
         path = os.path.join(unet_dir, name)
         if not os.path.isfile(path):
             continue
-        if not name.endswith(".index.json"):
+        if not name.endswith(".json"):
             return [path]
         weight_map = read_json(path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{path}: no \"weight_map\" in the shard index")
         return [os.path.join(unet_dir, f) for f in sorted(set(weight_map.values()))]
     raise UserError(f"{unet_dir!r} holds {CONFIG_NAME} but no weights "
-                    f"({WEIGHTS_NAME}.safetensors or .bin); copy the weights file there")
+                    f"({WEIGHTS_NAME}.safetensors or .bin, or their .{FP16_VARIANT} variants); "
+                    "copy the weights file there")
 
 
 def _read_weights_file(path: str) -> dict[str, torch.Tensor]:
@@ -123,8 +130,8 @@ def _read_weights_file(path: str) -> dict[str, torch.Tensor]:
         from ddpmkit.interop.safetensors_format import read_tensors
 
         return read_tensors(path)[0]
+    from ddpmkit.checkpoints.files import load_checkpoint
     from ddpmkit.models.loading import is_state_dict
-    from ddpmkit.training.checkpoint import load_checkpoint
 
     state_dict = load_checkpoint(path, map_location="cpu")
     if not is_state_dict(state_dict):
@@ -165,6 +172,9 @@ def load_diffusers_folder(path: str) -> dict[str, Any]:
     layout, config = read_configs(path)
     tensors: dict[str, torch.Tensor] = {}
     files = weights_files(layout.unet_dir)
+    if any(FP16_VARIANT in os.path.basename(f).replace("-", ".").split(".") for f in files):
+        log.info("%s: fp16 weights (the only ones there), loaded into a float32 network",
+                 layout.unet_dir)
     for file in files:
         tensors.update(_read_weights_file(file))
     state_dict = state_dict_from_diffusers(tensors, config["model"],

@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ddpmkit.errors import UserError
+from ddpmkit.utils.io import (
+    check_not_protected,
+    check_replaceable_file,
+    check_replaceable_folder,
+    check_writable_folder,
+    write_folder_atomically,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,58 +44,39 @@ class ExportResult:
     num_tensors: int
 
 
-def check_output(out: str, fmt: str, overwrite: bool) -> None:
-    """Refuse to replace existing output unless `overwrite` (an empty folder is fine)."""
+def _is_ddpmkit_safetensors(path: str) -> bool:
+    from ddpmkit.interop.safetensors_format import KEY_CONFIG, is_safetensors_file, read_metadata
+
+    return is_safetensors_file(path) and KEY_CONFIG in read_metadata(path)
+
+
+def check_output(out: str, fmt: str, overwrite: bool, inputs: tuple[str, ...] = ()) -> None:
+    """Check `out` before any work: its folder writable, and existing output replaced only
+    with `overwrite` and only when ddpmkit wrote it (an export folder holding nothing else, a
+    ddpmkit .safetensors file), never an input or the working folder (an empty folder is
+    fine)."""
+    what = "output folder" if fmt == "diffusers" else "output file"
+    if fmt == "safetensors":
+        check_replaceable_file(out, what, lambda path: True, inputs)  # folder, input: refused
+        check_writable_folder(os.path.dirname(os.path.abspath(out)), "output folder")
+    else:
+        if os.path.lexists(out) and not os.path.isdir(out):
+            raise UserError(f"{what} {out} is a file; --format diffusers writes a folder: give "
+                            "a new folder path")
+        check_writable_folder(out, what)
     if not os.path.lexists(out):
         return
-    if fmt == "safetensors" and os.path.isdir(out):
-        raise UserError(f"{out!r} is a folder; --format safetensors writes one file: give its "
-                        "path (e.g. model.safetensors)")
-    if fmt == "diffusers" and os.path.isdir(out) and not os.listdir(out):
-        return
+    if fmt == "diffusers":
+        check_not_protected(out, what, inputs)
+        if not os.listdir(out):
+            return
     if not overwrite:
         raise UserError(f"{out!r} already exists; pass --overwrite to replace it, or choose "
                         "another output path")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
+    if fmt == "safetensors":
+        check_replaceable_file(out, what, _is_ddpmkit_safetensors, inputs)
     else:
-        os.unlink(path)
-
-
-def write_folder_atomically(out: str, write: Callable[[str], None]) -> None:
-    """`write(tmp)` fills a temp folder beside `out`, which then replaces `out` by renames."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
-    old = None
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
-        if os.path.lexists(out):
-            old = tmp + ".old"
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if old is not None:
-                os.rename(old, out)  # put the previous output back
-                old = None
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        _remove(old)
+        check_replaceable_folder(out, what, inputs)
 
 
 def _export_diffusers(out: str, state_dict: Mapping[str, Any], config: Mapping[str, Any]
@@ -123,7 +109,7 @@ def export_checkpoint(checkpoint: str, out: str, fmt: str, use_ema: bool | None 
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    check_output(out, fmt, overwrite)
+    check_output(out, fmt, overwrite, inputs=(os.path.expanduser(checkpoint),))
     ckpt = load_checkpoint_any(resolve_checkpoint(checkpoint))
     bare = is_state_dict(ckpt)
     if use_ema is None:

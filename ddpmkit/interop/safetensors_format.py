@@ -73,6 +73,18 @@ def read_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def read_metadata(path: str) -> dict[str, str]:
+    """The metadata table of a safetensors file (empty when it cannot be read)."""
+    require_safetensors()
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # any unreadable file simply has no ddpmkit metadata
+        return {}
+
+
 def save_weights(path: str, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
                  weights: str) -> None:
     """Write `state_dict` and `config` to `path` atomically (temp file + rename)."""

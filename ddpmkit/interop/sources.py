@@ -7,12 +7,14 @@
 A local path that exists always wins over a Hub id of the same spelling.
 
 The dict has ddpmkit's checkpoint layout (`model`, optionally `ema` and `config`), or is a
-bare state dict, so `models.loading.model_from_checkpoint_dict` takes every source alike.
+bare state dict, so `models.loading.model_from_checkpoint_dict` takes every source alike;
+`load_model_from_checkpoint` does both steps.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ddpmkit.errors import UserError
@@ -36,12 +38,12 @@ def resolve_checkpoint(spec: str, cache_dir: str | None = None) -> str:
 
 def load_checkpoint_any(path: str) -> dict[str, Any]:
     """The checkpoint dict of a local file or folder (see the module docstring)."""
+    from ddpmkit.checkpoints.files import load_checkpoint
     from ddpmkit.interop.diffusers_folder import is_diffusers_folder, load_diffusers_folder
     from ddpmkit.interop.safetensors_format import (
         is_safetensors_file,
         load_safetensors_checkpoint,
     )
-    from ddpmkit.training.checkpoint import load_checkpoint
 
     if os.path.isdir(path):
         if not is_diffusers_folder(path):
@@ -66,3 +68,17 @@ def checkpoint_digest(path: str) -> str:
         name = os.path.relpath(file, os.path.abspath(path))
         digest.update(f"{name}\0{sha256_of_file(file)}\n".encode())
     return digest.hexdigest()
+
+
+def load_model_from_checkpoint(path: str, config: Mapping[str, Any] | None = None,
+                               use_ema: bool | None = None, device: Any = "cpu",
+                               group_norm_eps: float | None = None):
+    """(model in eval mode on `device`, resolved config) from a checkpoint file of ddpmkit or the
+    reference project, a .safetensors file, a diffusers folder or a Hub id (see
+    the module docstring). `config` supplies the architecture when the file has none;
+    `use_ema` and `group_norm_eps` as in `model_from_checkpoint_dict`."""
+    from ddpmkit.models.loading import model_from_checkpoint_dict
+
+    ckpt = load_checkpoint_any(resolve_checkpoint(path))
+    return model_from_checkpoint_dict(ckpt, config, use_ema, device, source=repr(path),
+                                      group_norm_eps=group_norm_eps)

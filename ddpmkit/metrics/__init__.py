@@ -38,7 +38,6 @@ _LAZY = {
     "save_reference_stats": "stats",
     "dataset_batches": "folder",
     "folder_batches": "folder",
-    "to_uint8": "folder",
     "METRICS": "evaluate",
     "compute_metrics": "evaluate",
 }

@@ -89,12 +89,6 @@ def folder_batches(folder: str, batch_size: int, num_workers: int = 0,
                       pin_memory=torch.cuda.is_available())
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (the datasets' convention) -> uint8 (B, C, H, W), rounded exactly as
-    sample PNGs are written; uint8 passes through."""
-    return quantize(images)
-
-
 def dataset_batches(dataset: Dataset, batch_size: int, num_workers: int = 0,
                     max_images: int | None = None, seed: int = 0,
                     with_labels: bool = False) -> Iterator:
@@ -108,6 +102,6 @@ def dataset_batches(dataset: Dataset, batch_size: int, num_workers: int = 0,
     for batch in loader:
         if isinstance(batch, (list, tuple)):
             images, labels = batch[0], batch[1]
-            yield (to_uint8(images), labels.numpy()) if with_labels else to_uint8(images)
+            yield (quantize(images), labels.numpy()) if with_labels else quantize(images)
         else:
-            yield to_uint8(batch)
+            yield quantize(batch)

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpmkit.devices import inductor_freezing
 from ddpmkit.errors import UserError
 from ddpmkit.metrics.weights import WeightsFile, resolve_inception_weights
+from ddpmkit.runtime.devices import inductor_freezing
 
 INPUT_SIZE = 299  # the graph's input resolution
 NUM_CLASSES = 1008  # outputs of the 2015-12-05 graph's final layer

@@ -75,9 +75,18 @@ def default_weights_dir() -> str:
 def _download(spec: WeightsFile, dest: str) -> None:
     """Stream `spec.url` to `dest` (temp file + rename), checking size and sha256 on the way."""
     folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".part",
-                               dir=folder)
+    created = []  # the folders this call makes, deepest first: removed again on failure
+    probe = folder
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        created.append(probe)
+        probe = os.path.dirname(probe)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".part",
+                                   dir=folder)
+    except OSError:
+        _remove_empty(created)
+        raise
     try:
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(
@@ -92,6 +101,16 @@ def _download(spec: WeightsFile, dest: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if not os.path.exists(dest):
+            _remove_empty(created)
+
+
+def _remove_empty(folders: list[str]) -> None:
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # only an empty folder goes
+        except OSError:
+            return
 
 
 def resolve_inception_weights(

@@ -8,7 +8,8 @@ scalar is the only non-tensor object allowed):
   `optimizer`, `scheduler`, `epoch`, `loss`, `fid`; no config, so the architecture comes from
   `--dataset` / `--config-path` (a shipped `configs/<dataset>.json`).
 - bare state dicts (the reference's released `cifar10_2040.pt`).
-- through `ddpmkit.interop.sources`: .safetensors files, diffusers folders and Hub ids.
+- through `ddpmkit.interop.sources` (which loads any of them by path): .safetensors files,
+  diffusers folders and Hub ids.
 Key prefixes `module.` (DDP), `_model.` (the reference's pixel-shuffle wrapper) and
 `_orig_mod.` (torch.compile) are stripped.
 """
@@ -105,13 +106,17 @@ def select_weights(ckpt: Mapping[str, Any], use_ema: bool | None = None,
     return strip_prefixes(ckpt["model"], source), entry
 
 
-def describe_weights(entry: str, source: str) -> str:
-    """One line saying which weights were loaded and how to pick the others."""
+def describe_weights(entry: str, source: str, has_ema: bool = False,
+                     action: str = "using") -> str:
+    """One line saying which weights were loaded (`action`: what is done with them, e.g.
+    "sampling") and how to pick the others."""
     if entry == "ema":
-        return f"sampling the EMA weights of {source} (--no-ema for the raw weights)"
+        return f"{action} the EMA weights of {source} (--no-ema for the raw weights)"
+    if entry == "model" and has_ema:
+        return f"{action} the raw weights of {source} (--no-ema; it also holds EMA weights)"
     if entry == "model":
-        return f"using the raw weights of {source}, which holds no EMA weights"
-    return (f"using the weights of {source} as they are (a bare state dict: EMA or raw, "
+        return f"{action} the raw weights of {source}, which holds no EMA weights"
+    return (f"{action} the weights of {source} as they are (a bare state dict: EMA or raw, "
             "the file does not say)")
 
 
@@ -216,13 +221,14 @@ def _with_group_norm_eps(config: dict[str, Any], eps: float | None, own: bool,
 
 def model_from_checkpoint_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any] | None = None,
                                use_ema: bool | None = None, device: Any = "cpu",
-                               source: str = "checkpoint", group_norm_eps: float | None = None):
+                               source: str = "checkpoint", group_norm_eps: float | None = None,
+                               action: str = "using"):
     """(model in eval mode on `device`, config) from an already loaded checkpoint dict.
 
     The checkpoint's own config wins; `config` is used only when the file carries none (the
     reference project's files), and one of the two must exist. `use_ema`: see
     `choose_weights` (default: the EMA weights when present). `group_norm_eps` overrides the
-    epsilon of files without a config of their own.
+    epsilon of files without a config of their own. `action` words the log line.
     """
     own = checkpoint_config(ckpt)
     stored = None if is_state_dict(ckpt) else ckpt.get("config")
@@ -237,19 +243,6 @@ def model_from_checkpoint_dict(ckpt: Mapping[str, Any], config: Mapping[str, Any
     state_dict, entry = select_weights(ckpt, use_ema, source)
     model, _ = build_from_config(config)
     load_weights(model, state_dict, f"{source} ({entry})")
-    log.info(describe_weights(entry, source))
+    has_ema = not is_state_dict(ckpt) and ckpt.get("ema") is not None
+    log.info(describe_weights(entry, source, has_ema, action))
     return model.to(device).eval(), config
-
-
-def load_model_from_checkpoint(path: str, config: Mapping[str, Any] | None = None,
-                               use_ema: bool | None = None, device: Any = "cpu",
-                               group_norm_eps: float | None = None):
-    """(model in eval mode on `device`, resolved config) from a checkpoint file of ddpmkit or the
-    reference project, a .safetensors file, a diffusers folder or a Hub id (see
-    `ddpmkit.interop.sources`). `config` supplies the architecture when the file has none;
-    `use_ema` and `group_norm_eps` as in `model_from_checkpoint_dict`."""
-    from ddpmkit.interop.sources import load_checkpoint_any, resolve_checkpoint
-
-    ckpt = load_checkpoint_any(resolve_checkpoint(path))
-    return model_from_checkpoint_dict(ckpt, config, use_ema, device, source=repr(path),
-                                      group_norm_eps=group_norm_eps)

@@ -14,8 +14,8 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ddpmkit.devices import resolve_device
-from ddpmkit.schema import eval_sampler_name
+from ddpmkit import schema
+from ddpmkit.runtime.devices import resolve_device
 from ddpmkit.training.trainer import Callback, Trainer
 
 logger = logging.getLogger(__name__)
@@ -27,14 +27,14 @@ class FIDCallback(Callback):
     def __init__(self, config: Dict[str, Any], diffusion, shape: Sequence[int],
                  device: torch.device, inception_weights: Optional[str] = None,
                  precomputed_dir: Optional[str] = None, eval_device: Optional[str] = None):
-        ev = config.get("eval", {})
+        ev = schema.section_with_defaults(config, "eval")
         self.every = int(ev.get("intv") or 0)
-        self.total = int(ev.get("total_size", 50000))
-        self.batch = int(ev.get("batch_size", 256))
-        self.sampler_name = eval_sampler_name(ev)
+        self.total = int(ev["total_size"])
+        self.batch = int(ev["batch_size"])
+        self.sampler_name = schema.eval_sampler_name(ev)
         self.steps = int(ev.get("subseq_size") or 0) or None
-        self.skip_schedule = ev.get("skip_schedule", "linear")
-        self.guidance_scale = float(ev.get("guidance_scale", 1.0))
+        self.skip_schedule = ev["skip_schedule"]
+        self.guidance_scale = float(ev["guidance_scale"])
         self.metrics = ("fid", "pr")
         self.diffusion, self.shape = diffusion, tuple(shape)
         self.dataset = config["dataset"]

@@ -22,14 +22,16 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.data import DistributedSampler
 
+from ddpmkit import schema
 from ddpmkit.build import build_diffusion
-from ddpmkit.devices import compile_mode, compile_module, resolve_device, resolve_precision
 from ddpmkit.errors import UserError, signal_name
-from ddpmkit.schema import eval_sampler_name, size_hw
-from ddpmkit.training import distributed as dist_utils
-from ddpmkit.training.preemption import StopFlag, exit_code
+from ddpmkit.runtime import distributed as dist_utils
+from ddpmkit.runtime.devices import autocast_dtype, compile_mode, compile_module, resolve_precision
+from ddpmkit.runtime.stops import StopFlag, exit_code
+from ddpmkit.schema import size_hw
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.trainer import Callback, Trainer
+from ddpmkit.utils.io import check_writable_folder
 
 logger = logging.getLogger(__name__)
 
@@ -262,31 +264,47 @@ def _elastic_restart() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
+# float32 copies of the parameters in a checkpoint: the weights and Adam's two moments, plus
+# the EMA weights when kept.
+_COPIES_WITHOUT_EMA = 3
+
+
+def checkpoint_bytes(config: Dict[str, Any]) -> int:
+    """About how many bytes one checkpoint of this run takes (counted on a network built on
+    the meta device: no memory, no time, and the RNG left as it was)."""
+    from ddpmkit.models import build_model
+
+    diffusion = build_diffusion(config["diffusion"], decoder="discretized")
+    out_channels = diffusion.model_out_channels(config["dataset"]["channels"])
+    rng = torch.get_rng_state()
+    try:
+        with torch.device("meta"):
+            model = build_model(config["model"], out_channels)
+    finally:
+        torch.set_rng_state(rng)
+    copies = _COPIES_WITHOUT_EMA + (1 if config["train"].get("use_ema") else 0)
+    return copies * 4 * sum(p.numel() for p in model.parameters())
+
+
 def prepare_run(config: Dict[str, Any], options: Dict[str, Any]) -> RunFolder:
     """The run folder, checked before any work: writable, and resumable or free (see
     `RunFolder`); loads the resume state (into `folder.resumed`)."""
     dirs = run_dirs(config)
     folder = RunFolder(dirs["chkpt"], config["run"]["chkpt_name"], config, dirs["images"])
-    folder.preflight()
+    folder.preflight(checkpoint_bytes(config))
+    precomputed = os.path.expanduser(options.get("precomputed_dir") or "")
+    if (config.get("eval") or {}).get("enabled") and precomputed \
+            and not os.path.isdir(precomputed):  # FID's reference statistics are cached there
+        check_writable_folder(precomputed, "--precomputed-dir")
     restarted = _elastic_restart()
     if restarted and options.get("overwrite") and not folder.holds_config(config):
         # The first attempt died before it replaced the old run: replace it now.
         folder.check_new_run(overwrite=True)
         return folder
-    if options.get("resume") or options.get("auto_resume") or restarted:
-        point = folder.resume_point(options.get("chkpt_path"))
-        if point is None and options.get("resume"):
-            raise UserError(f"--resume: no checkpoint found in {dirs['chkpt']}; pass "
-                            "--chkpt-path FILE, or --auto-resume to start fresh when there is "
-                            "none")
-        if point is None:
-            logger.warning("no checkpoint of this run yet in %s: starting from step 0",
-                           dirs["chkpt"])
-            folder.check_new_run(overwrite=True)
-        else:
-            _check_same_architecture(point.state, config, point.path)
-    else:
-        folder.check_new_run(bool(options.get("overwrite")))
+    folder.prepare(bool(options.get("resume")), options.get("chkpt_path"),
+                   bool(options.get("overwrite")),
+                   lambda state, path: _check_same_architecture(state, config, path),
+                   auto_resume=bool(options.get("auto_resume")) or restarted)
     return folder
 
 
@@ -365,14 +383,13 @@ def _build_model(config: Dict[str, Any], info, device):
 
 def _callbacks(config, options, diffusion, device, folder: RunFolder,
                loader) -> List[Callback]:
-    tr, ds, ev = config["train"], config["dataset"], config.get("eval", {})
+    tr, ds, ev = config["train"], config["dataset"], schema.section_with_defaults(config, "eval")
     shape = (ds["channels"], *size_hw(ds["resolution"]))
     grid = SampleGrid(diffusion, shape, run_dirs(config)["images"], every=int(tr["image_intv"]),
                       num=int(tr["num_samples"]), seed=int(tr["seed"]) + GRID_SEED_OFFSET,
-                      sampler_name=eval_sampler_name(ev),
+                      sampler_name=schema.eval_sampler_name(ev),
                       steps=int(ev.get("subseq_size") or 0) or None,
-                      skip_schedule=ev.get("skip_schedule", "linear"),
-                      guidance_scale=float(ev.get("guidance_scale", 1.0)))
+                      skip_schedule=ev["skip_schedule"], guidance_scale=float(ev["guidance_scale"]))
     callbacks: List[Callback] = [folder, grid]
     if ds["name"] == "folder":
         callbacks.append(ImageListFile(folder.folder, [str(f) for f in loader.dataset.files]))
@@ -410,7 +427,7 @@ def _build_trainer(config, options, info, device, loader, micro, diffusion, mode
         config=config,
         is_main=info.is_main, rank=info.rank, world_size=info.world_size,
         control_group=dist_utils.control_group(), stop=stop,
-        amp_dtype=torch.bfloat16 if tr.get("precision") == "bf16" else None,
+        amp_dtype=autocast_dtype(tr.get("precision") or "fp32"),
         throughput_key="img_per_s", random_flip=bool(config["dataset"]["random_flip"]),
         global_batch=int(tr["batch_size"]), micro_batch=micro,
         channels_last=bool(tr.get("channels_last")),
@@ -421,7 +438,7 @@ def train_worker(config: Dict[str, Any], options: Dict[str, Any]) -> int:
     """One training process (of one, of torchrun's, or of the spawned ones); returns the exit
     status (0, or 128 + the signal that stopped it)."""
     info = dist_utils.env_dist_info()
-    device = dist_utils.process_device(resolve_device(options.get("train_device", "auto")), info)
+    device = dist_utils.process_device(options.get("train_device", "auto"), info)
     with StopFlag(announce=info.is_main) as stop:
         dist_utils.init_process_group(info, device)
         try:

@@ -20,16 +20,16 @@ import json
 import logging
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
-from ddpmkit.config import dump_json
-from ddpmkit.errors import UserError
-from ddpmkit.training.checkpoint import (
+from ddpmkit.checkpoints.files import (
     CheckpointFiles,
     ResumePoint,
     load_checkpoint,
     newest_checkpoint,
 )
+from ddpmkit.config import dump_json
+from ddpmkit.errors import UserError
 from ddpmkit.training.trainer import Callback, Trainer
 from ddpmkit.utils.io import check_writable_folder
 
@@ -48,8 +48,12 @@ class RunFolder(Callback):
 
     def __init__(self, folder: str, prefix: str, config: dict[str, Any],
                  image_folder: str | None = None, config_name: str = CONFIG_NAME,
-                 log_name: str = LOG_NAME, image_pattern: re.Pattern = _GRID_RE):
+                 log_name: str = LOG_NAME, image_pattern: re.Pattern = _GRID_RE,
+                 elsewhere: str = "another --exp-name / --chkpt-dir",
+                 start_fresh: str = "--auto-resume to start fresh when there is none"):
         self.folder = folder
+        # The command's own flags for "write somewhere else" and "start from zero".
+        self.elsewhere, self.start_fresh = elsewhere, start_fresh
         self.files = CheckpointFiles(folder, prefix)
         self.config = config
         self.image_folder = image_folder
@@ -66,8 +70,9 @@ class RunFolder(Callback):
     def tensorboard_dir(self) -> str:
         return os.path.join(self.folder, TENSORBOARD_DIR)
 
-    def preflight(self) -> None:
-        check_writable_folder(self.folder, "checkpoint folder")
+    def preflight(self, checkpoint_bytes: int = 0) -> None:
+        """Refuse folders that cannot be written, or lack `checkpoint_bytes` of free space."""
+        check_writable_folder(self.folder, "checkpoint folder", checkpoint_bytes)
         if self.image_folder:
             check_writable_folder(self.image_folder, "image folder")
 
@@ -83,6 +88,28 @@ class RunFolder(Callback):
                 logger.warning("skipping damaged checkpoint %s (%s); resuming from %s",
                                damaged, reason, self.resumed.path)
         return self.resumed
+
+    def prepare(self, resume: bool, chkpt_path: str | None, overwrite: bool,
+                check_state: Callable[[dict[str, Any], str], None],
+                auto_resume: bool = False) -> None:
+        """The rules every training command follows: `resume` continues from a checkpoint
+        (there must be one; `auto_resume` starts fresh when there is none) checked by
+        `check_state(state, path)`; a new run may not replace saved progress unless
+        `overwrite`."""
+        if not (resume or auto_resume):
+            self.check_new_run(overwrite)
+            return
+        point = self.resume_point(chkpt_path)
+        if point is not None:
+            check_state(point.state, point.path)
+        elif resume:
+            raise UserError(f"--resume: no checkpoint found in {self.folder} (files "
+                            f"{self.files.prefix}_*.pt); pass --chkpt-path FILE, or "
+                            f"{self.start_fresh}")
+        else:
+            logger.warning("no checkpoint of this run yet in %s: starting from step 0",
+                           self.folder)
+            self.check_new_run(overwrite=True)
 
     def holds_config(self, config: dict[str, Any]) -> bool:
         """Whether the folder's config.json is `config` (the run that wrote it is this one)."""
@@ -101,8 +128,8 @@ class RunFolder(Callback):
             more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
             raise UserError(
                 f"{self.folder} already holds another run's checkpoints ({names}{more}): pass "
-                "--resume to continue that run, --overwrite to replace it, or another "
-                "--exp-name / --chkpt-dir")
+                "--resume to continue that run, --overwrite to replace it, or "
+                f"{self.elsewhere}")
         self.overwrite = overwrite and bool(existing)
 
     def on_run_start(self, trainer: Trainer) -> None:

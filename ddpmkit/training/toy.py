@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from ddpmkit.checkpoints.files import load_checkpoint
 from ddpmkit.data.toy import (
     TensorBatches,
     make_labeled_toy_data,
@@ -32,8 +33,7 @@ from ddpmkit.data.toy import (
     toy_mixture,
 )
 from ddpmkit.errors import UserError, signal_name
-from ddpmkit.training.checkpoint import load_checkpoint
-from ddpmkit.training.preemption import StopFlag, exit_code
+from ddpmkit.runtime.stops import StopFlag, exit_code
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.trainer import Callback, Trainer
 
@@ -54,10 +54,6 @@ MUST_MATCH_ON_RESUME = ("dataset", "timesteps", "beta_schedule", "beta_start", "
                         "model_mean_type", "model_var_type", "loss_type", "mid_features",
                         "num_temporal_layers", "fourier_features", "fourier_scale",
                         "class_cond", "loss_weight", "min_snr_gamma", "zero_terminal_snr")
-# Settings that do not change what a run computes (so two runs differing only in them are the
-# same run).
-RUNTIME_ONLY = ("resume", "chkpt_path", "overwrite", "no_progress", "device",
-                "device_resolved", "image_dir", "chkpt_dir", "root")
 # Settings newer than some checkpoints, with the value that reproduces what those computed.
 ADDED_LATER = {"class_cond": False, "class_dropout": 0.1, "guidance_scale": None,
                "loss_weight": "uniform", "min_snr_gamma": 5.0, "zero_terminal_snr": False}
@@ -262,6 +258,7 @@ def guidance_curve(evaluation: ToyEvaluation, model: torch.nn.Module, scales, n:
 
 
 def check_resume_config(saved: dict[str, Any], c: dict[str, Any], path: str) -> None:
+    saved = {**ADDED_LATER, **saved}
     diffs = [f"--{k.replace('_', '-')} {saved[k]} (now {c[k]})" for k in MUST_MATCH_ON_RESUME
              if k in saved and saved[k] != c[k]]
     if diffs:
@@ -270,48 +267,31 @@ def check_resume_config(saved: dict[str, Any], c: dict[str, Any], path: str) -> 
 
 
 def write_animation(image_dir: str, fmt: str) -> str | None:
-    from ddpmkit.utils.plots import save_animation
+    from ddpmkit.utils.images import PLOT_FRAMES, save_animation
 
     frames = sorted(glob.glob(os.path.join(image_dir, "epoch_*.png")))
     if fmt == "none" or not frames:
         return None
     path = os.path.join(image_dir, f"train.{fmt}")
     try:
-        save_animation(path, frames)
+        save_animation(path, frames, PLOT_FRAMES)
     except (ValueError, OSError) as exc:
         raise UserError(f"could not write the animation {path}: {exc}") from exc
     return path
 
 
-def _same_run(saved: dict[str, Any], c: dict[str, Any]) -> bool:
-    """Whether a checkpoint's config describes the same computation as `c`."""
-    saved = {**ADDED_LATER, **saved}
-    keys = (set(saved) | set(c)) - set(RUNTIME_ONLY)
-    return all(saved.get(k) == c.get(k) for k in keys)
-
-
 def prepare_folder(c: dict[str, Any], image_dir: str) -> RunFolder:
-    """The run's files (checked, nothing written yet): resume point, or a free folder. A new
-    run may replace an earlier one with exactly the same settings (it would recreate the same
-    files) without --overwrite."""
+    """The run's files (checked, nothing written yet): the resume point, or a folder free of
+    saved progress, by the rules of `train` (`RunFolder.prepare`)."""
     name = c["dataset"]
     folder = RunFolder(c["chkpt_dir"], f"ddpm_{name}", c, image_dir,
                        config_name=f"ddpm_{name}_config.json", log_name=f"ddpm_{name}_log.jsonl",
-                       image_pattern=_TOY_IMAGE_RE)
+                       image_pattern=_TOY_IMAGE_RE, elsewhere="another --chkpt-dir",
+                       start_fresh="run without --resume to start a new run")
     folder.preflight()
-    if c["resume"]:
-        point = folder.resume_point(os.path.expanduser(c["chkpt_path"])
-                                    if c["chkpt_path"] else None)
-        if point is None:
-            raise UserError(
-                f"--resume: no checkpoint ddpm_{name}_<epoch>.pt in {c['chkpt_dir']!r}; run "
-                "without --resume to start fresh, or pass --chkpt-path FILE")
-        check_resume_config(point.state.get("config") or {}, c, point.path)
-        return folder
-    existing = folder.files.all()
-    same = bool(existing) and all(
-        _same_run(load_checkpoint(p, mmap=True).get("config") or {}, c) for p in existing)
-    folder.check_new_run(bool(c.get("overwrite")) or same)
+    folder.prepare(c["resume"], os.path.expanduser(c["chkpt_path"]) if c["chkpt_path"] else None,
+                   bool(c.get("overwrite")),
+                   lambda state, path: check_resume_config(state.get("config") or {}, c, path))
     return folder
 
 
@@ -342,7 +322,7 @@ def _build_trainer(c: dict[str, Any], device, folder: RunFolder, callback: ToyEv
 def train_toy(c: dict[str, Any], report: Callable[[str], None] = logger.info) -> int:
     """Train, evaluate and plot a toy model as `ddpmkit train-toy` does; returns the exit
     status (0, or 128 + the signal that stopped it)."""
-    from ddpmkit.devices import resolve_device
+    from ddpmkit.runtime.devices import resolve_device
 
     t_start = time.perf_counter()
     device = resolve_device(c["device"])

@@ -11,10 +11,11 @@ The loss is summed on the device and read back only at log intervals, epoch ends
 so the hot path has no host synchronisation.
 
 Exact resume: a checkpoint holds the model, EMA, optimizer, LR scheduler, step/epoch counters,
-the position inside the epoch (`batch_in_epoch`), the trainer's noise generator and the global
-RNG states. The data source must give the same batch order for the same epoch (call
-`set_epoch(epoch)` on it; `ddpmkit.data.toy.TensorBatches` and `DistributedSampler` do), so a
-resumed run skips the batches already used and continues bit-identically on the CPU.
+the position inside the epoch (`batch_in_epoch`), the trainer's noise generator, the global
+RNG states and, for fp16, the loss scaler. The data source must give the same batch order for
+the same epoch (call `set_epoch(epoch)` on it; `ddpmkit.data.toy.TensorBatches` and
+`DistributedSampler` do), so a resumed run skips the batches already used and continues
+bit-identically on the CPU.
 
 Checkpoints (`CheckpointFiles`): permanent `<prefix>_<epoch>.pt` every `chkpt_intv` epochs;
 rolling `<prefix>_step<step>.pt` every `chkpt_every_minutes` minutes or `chkpt_intv_steps`
@@ -27,6 +28,16 @@ stop or to save on the clock (`RunControl`), so processes never wait on each oth
 Distributed runs pass the DDP-wrapped model; `unwrap` reaches the module underneath for
 checkpoints and EMA, `is_main` limits logging, progress bars and checkpoint writes to one
 process, and accumulation micro-steps skip the gradient all-reduce (`no_sync`).
+
+fp16 (`amp_dtype=torch.float16`): dynamic loss scaling (`torch.amp.GradScaler`, on CPUs too).
+The loss is multiplied by the scale S before backward and the gradients divided by S before
+clipping and the optimizer; an update whose gradients hold inf/NaN is skipped (weights and
+optimizer state untouched, S halved) and counted (`skipped_steps` in the log), while the step
+counter, LR schedule and EMA advance as for any update, so the schedule stays a function of the
+data seen. A skipped update's losses stay out of the logged mean. S doubles after
+`growth_interval` clean updates. A run whose updates are skipped `MAX_SKIPS_IN_A_ROW` times in
+a row has diverged (no scale helps) and stops like a NaN loss does. Weights, EMA and optimizer
+state stay float32. Knowing whether an update was skipped costs one host sync per update.
 """
 from __future__ import annotations
 
@@ -36,27 +47,32 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ddpmkit.choices import LR_DECAYS, OPTIMIZERS
-from ddpmkit.errors import UserError
-from ddpmkit.training.checkpoint import (
+from ddpmkit.checkpoints.files import (
     CheckpointFiles,
     get_rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from ddpmkit.choices import LR_DECAYS, OPTIMIZERS
+from ddpmkit.errors import UserError
+from ddpmkit.runtime.stops import RunControl, StopFlag
 from ddpmkit.training.ema import EMA
-from ddpmkit.training.preemption import RunControl, StopFlag
 from ddpmkit.training.runlog import RunLog
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "ddpmkit.trainer"
+# fp16: halving the scale this many times in a row takes torch's default initial scale 2^16
+# below 2^-14, fp16's smallest normal number; gradients that still overflow are not a scaling
+# problem but a diverged run.
+MAX_SKIPS_IN_A_ROW = 30
 
 
 class NonFiniteLossError(UserError):
@@ -196,7 +212,8 @@ class Trainer:
             `RunControl`); None uses the default group.
         stop: a `StopFlag` (installed by the command): a signal ends `fit` after the current
             update, with the state saved.
-        amp_dtype: autocast dtype for the forward pass (e.g. torch.bfloat16), or None.
+        amp_dtype: autocast dtype for the forward pass (e.g. torch.bfloat16), or None;
+            torch.float16 also turns on dynamic loss scaling (see the module docstring).
         class_dropout: for a class-conditional model, the probability that a label is
             replaced by "no class" (classifier-free guidance training).
         throughput_key: the log field for items per second ("samples_per_s", "img_per_s").
@@ -247,6 +264,10 @@ class Trainer:
         self.control_group = control_group
         self.stop = stop
         self.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=amp_dtype == torch.float16)
+        self.skipped_steps = 0  # fp16 updates skipped for inf/NaN gradients, in all
+        self._skips_in_a_row = 0
         self.throughput_key = throughput_key
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
@@ -376,20 +397,33 @@ class Trainer:
         return torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
-    def _update(self, micro_batches: int) -> None:
-        """Finish one optimizer update from `micro_batches` accumulated micro-batches."""
+    def _update(self, micro_batches: int, losses: list[torch.Tensor]) -> bool:
+        """Finish one optimizer update from `micro_batches` accumulated micro-batches with
+        these (detached float64) losses; False when fp16 loss scaling skipped it (inf/NaN
+        gradients), whose losses then stay out of the logged mean."""
         if micro_batches != self.num_accum:
             # Each micro-batch loss was divided by num_accum: rescale a short final group.
             for p in self.params:
                 if p.grad is not None:
                     p.grad.mul_(self.num_accum / micro_batches)
         log_now = not self._started or (self.step + 1) % self.log_every == 0
+        self.scaler.unscale_(self.optimizer)  # true gradients for the clip and the norm
         if self.grad_clip > 0:
             self._grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         elif log_now:
             self._grad_norm = self._grad_norm_now()
-        self.optimizer.step()
-        self.scheduler.step()
+        applied = self._optimizer_step()
+        if applied:
+            for detached in losses:
+                self._loss_sum += detached
+            self._loss_count += len(losses)
+            self.scheduler.step()
+        else:
+            with warnings.catch_warnings():
+                # torch warns when the first optimizer step was skipped; the schedule is by
+                # update, skipped or not
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step")
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(unwrap(self.model))
@@ -403,6 +437,28 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_step_end(self)
         self._after_update()
+        return applied
+
+    def _optimizer_step(self) -> bool:
+        """The optimizer step through the loss scaler; False if fp16 skipped it."""
+        if not self.scaler.is_enabled():
+            self.optimizer.step()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.get_scale() >= scale:  # the scale only shrinks on a skip
+            self._skips_in_a_row = 0
+            return True
+        self.skipped_steps += 1
+        self._skips_in_a_row += 1
+        if self._skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            raise NonFiniteLossError(
+                f"the run diverged: {self._skips_in_a_row} updates in a row up to step "
+                f"{self.step + 1} had inf/NaN gradients under fp16 (loss scale now "
+                f"{self.scaler.get_scale():.3g}); training stopped without saving this state. Try a "
+                "lower --lr, gradient clipping, LR warmup or --precision bf16 / fp32")
+        return False
 
     def _after_update(self) -> None:
         """Rolling checkpoints by steps or time, and stop requests (the same on every process)."""
@@ -426,10 +482,12 @@ class Trainer:
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
+            # The epoch the loss belongs to: the one in progress, or the one just finished.
+            epoch = self.epoch + (1 if self.batch_in_epoch else 0)
             where = (f"the last good checkpoint is {self.last_checkpoint}"
                      if self.last_checkpoint else "no checkpoint had been saved yet")
             raise NonFiniteLossError(
-                f"the training loss became {loss} by step {self.step} (epoch {self.epoch + 1}); "
+                f"the training loss became {loss} by step {self.step} (epoch {epoch}); "
                 f"training stopped without saving; {where}. Try a lower --lr, gradient "
                 "clipping or LR warmup")
 
@@ -448,7 +506,11 @@ class Trainer:
             self.throughput_key: self._items * self.world_size / elapsed,
         }
         if self._grad_norm is not None:
-            record["grad_norm"] = float(self._grad_norm)
+            norm = float(self._grad_norm)  # inf/NaN on a skipped fp16 update: JSON null
+            record["grad_norm"] = norm if math.isfinite(norm) else None
+        if self.scaler.is_enabled():
+            record["loss_scale"] = self.scaler.get_scale()
+            record["skipped_steps"] = self.skipped_steps
         self.log_record(record)
         if self._pbar is not None and loss is not None:
             self._pbar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch + 1, refresh=False)
@@ -467,6 +529,7 @@ class Trainer:
         epoch_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         epoch_batches = 0
         micro = 0
+        group: list[torch.Tensor] = []  # the current update's micro-batch losses
         # Resume lands on an update boundary, so the next micro-batch opens a new group.
         for batch in _iter_from(self.data, self.batch_in_epoch):
             x_0 = self.prepare_batch(batch)
@@ -477,15 +540,15 @@ class Trainer:
             last_micro = micro == self.num_accum or self.batch_in_epoch == self.batches_per_epoch
             with self._no_sync(last_micro):
                 loss = self.compute_loss(x_0)
-                (loss / self.num_accum).backward()
-            detached = loss.detach().to(torch.float64)
-            self._loss_sum += detached
-            epoch_loss_sum += detached
-            self._loss_count += 1
-            epoch_batches += 1
+                self.scaler.scale(loss / self.num_accum).backward()
+            group.append(loss.detach().to(torch.float64))
             self._items += x_0.shape[0]
             if last_micro:
-                self._update(micro)
+                if self._update(micro, group):  # a skipped fp16 update's losses stay out
+                    for detached in group:
+                        epoch_loss_sum += detached
+                    epoch_batches += len(group)
+                group.clear()
                 micro = 0
                 if self._pbar is not None:
                     self._pbar.update(1)
@@ -519,6 +582,10 @@ class Trainer:
         schedule, so a run continued later matches one that never stopped.
         """
         until = self.epochs if until_epoch is None else min(int(until_epoch), self.epochs)
+        if self.epoch >= self.epochs and self.is_main:
+            logger.warning("nothing to train: the state is at epoch %d (step %d) and this run "
+                           "ends at epoch %d; give more epochs to train further", self.epoch,
+                           self.step, self.epochs)
         start_step, t0 = self.step, time.perf_counter()
         self.stopped, self._started = None, False
         self._control = RunControl(self.stop, self.chkpt_every_s, self.control_group,
@@ -552,6 +619,9 @@ class Trainer:
                     logger.info("epoch %d/%d  loss %.5f  lr %.3g  step %d", self.epoch,
                                 self.epochs, epoch_loss if epoch_loss is not None else
                                 float("nan"), self.optimizer.param_groups[0]["lr"], self.step)
+                    if self.scaler.is_enabled():
+                        logger.info("fp16: %d update(s) skipped for inf/NaN gradients so far, "
+                                    "loss scale %g", self.skipped_steps, self.scaler.get_scale())
                 for cb in self.callbacks:
                     cb.on_epoch_end(self)
                 if self.chkpt_intv and self.epoch % self.chkpt_intv == 0 \
@@ -619,6 +689,8 @@ class Trainer:
             "rng": self._rng_state(),
             "config": self.config,
             "loss": self.last_loss,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -638,6 +710,7 @@ class Trainer:
         self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
         self.last_loss = state.get("loss")
         self.last_saved_step = self.step
+        self.skipped_steps = int(state.get("skipped_steps") or 0)
         rng = state.get("rng") or {}
         ranks = rng.get("ranks")
         if isinstance(ranks, list) and len(ranks) == self.world_size:
@@ -652,6 +725,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled():
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            else:
+                logger.warning("checkpoint has no fp16 loss-scaler state (it was not trained "
+                               "in fp16); the loss scale restarts at %g",
+                               self.scaler.get_scale())
         if self.ema is not None:
             if state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -712,7 +792,7 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         """Load a checkpoint file and continue from it."""
-        from ddpmkit.training.checkpoint import load_checkpoint
+        from ddpmkit.checkpoints.files import load_checkpoint
 
         self.load_state_dict(load_checkpoint(path, map_location="cpu"))
         self.last_checkpoint = path

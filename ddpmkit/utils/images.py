@@ -10,16 +10,17 @@ import io
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ddpmkit.choices import ANIMATION_FORMATS
 from ddpmkit.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-ANIMATION_FORMATS = ("gif", "webp")
 # Hold the final frame of an animation this many times longer than the others.
 FINAL_FRAME_HOLD = 10
 
@@ -110,21 +111,62 @@ def save_grid(path: str, images: np.ndarray, nrow: int | None = None) -> None:
     write_png(path, grid_array(images, nrow))
 
 
-def save_animation(path: str, frames: Sequence[np.ndarray], frame_ms: int = 40,
-                   hold_last: int = FINAL_FRAME_HOLD) -> None:
-    """Write uint8 frames (each (H, W, C)) as an animated GIF or WebP, chosen by `path`'s suffix.
+@dataclass(frozen=True)
+class AnimationStyle:
+    """How animation frames are shown and encoded: fast, in exact pixels (`SAMPLE_FRAMES`, the
+    default), or slow, in small files (`PLOT_FRAMES`: scatter plots need few colours and no
+    full resolution)."""
 
-    The last frame is shown `hold_last` times as long, so the result can be seen.
-    """
+    frame_ms: int = 40
+    last_frame_ms: int | None = None  # None: FINAL_FRAME_HOLD frames, so the end can be seen
+    max_width: int | None = None     # frames wider than this are scaled down (LANCZOS)
+    gif_colors: int | None = None    # GIF: an adaptive palette of this many colours per frame
+    webp_quality: int | None = None  # WebP: lossy at this quality (None: lossless)
+
+
+SAMPLE_FRAMES = AnimationStyle()
+PLOT_FRAMES = AnimationStyle(frame_ms=400, last_frame_ms=1500, max_width=480, gif_colors=64,
+                             webp_quality=70)
+
+
+def _frame_image(frame, max_width: int | None) -> Image.Image:
+    """A uint8 (H, W, C) array, a PIL image or an image path -> an RGB/L image of at most
+    `max_width` pixels across."""
+    if isinstance(frame, np.ndarray):
+        return _pil_image(frame)
+    image = (Image.open(frame) if isinstance(frame, str) else frame).convert("RGB")
+    if max_width is not None and image.width > max_width:
+        height = round(image.height * max_width / image.width)
+        image = image.resize((max_width, height), Image.LANCZOS)
+    return image
+
+
+def save_animation(path: str, frames: Sequence, style: AnimationStyle = SAMPLE_FRAMES) -> None:
+    """Write `frames` (uint8 (H, W, C) arrays, PIL images or image paths) as an animated GIF or
+    WebP, chosen by `path`'s suffix, atomically, in `style`."""
     fmt = os.path.splitext(path)[1].lower().lstrip(".")
     if fmt not in ANIMATION_FORMATS:
         raise ValueError(f"animation file must end in .gif or .webp, got {path!r}")
     if not frames:
         raise ValueError("no frames to animate")
-    images = [_pil_image(f) for f in frames]
-    durations = [frame_ms] * (len(images) - 1) + [frame_ms * hold_last]
+    images = [_frame_image(f, style.max_width) for f in frames]
+    last = (style.frame_ms * FINAL_FRAME_HOLD if style.last_frame_ms is None else
+            style.last_frame_ms)
+    durations = [style.frame_ms] * (len(images) - 1) + [last]
+    if fmt == "gif" and style.gif_colors:
+        images = [im.quantize(colors=style.gif_colors, method=Image.Quantize.MEDIANCUT)
+                  for im in images]
+        options = {"optimize": True, "disposal": 1}
+    elif fmt == "gif":
+        options = {"optimize": False}
+    else:
+        from PIL import features
+
+        if not features.check("webp"):
+            raise ValueError("this PIL build cannot write WebP; use a .gif animation")
+        options = ({"lossless": True} if style.webp_quality is None else
+                   {"quality": style.webp_quality, "method": 4})
     buffer = io.BytesIO()
-    options = {"lossless": True} if fmt == "webp" else {"optimize": False}
     images[0].save(buffer, format=fmt.upper(), save_all=True, append_images=images[1:],
                    duration=durations, loop=0, **options)
     write_file_atomic(path, buffer.getvalue())

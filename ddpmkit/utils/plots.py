@@ -1,21 +1,18 @@
-"""Pictures of toy runs: true-vs-generated scatter plots and GIF/WebP animations of them.
+"""Pictures of toy runs: true-vs-generated scatter plots.
 
-Plots use matplotlib's non-interactive Agg canvas (no display needed); animations are built
-with PIL from images already on disk, so a resumed run still animates its whole history.
+Plots use matplotlib's non-interactive Agg canvas (no display needed). Their animations are
+`utils.images.save_animation(..., style=PLOT_FRAMES)` of the plot files already on disk, so a
+resumed run still animates its whole history.
 """
 
 from __future__ import annotations
 
 import io
-import os
-from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
 
-from ddpmkit.utils.io import atomic_write, atomic_write_bytes
+from ddpmkit.utils.io import atomic_write_bytes
 
-ANIMATION_FORMATS = ("gif", "webp")
 # At most this many points per panel: more only slows drawing and saturates the picture.
 MAX_PLOT_POINTS = 20_000
 PLOT_DPI = 100
@@ -68,42 +65,3 @@ def scatter_figure_png(true_points, gen_points, title: str = "",
 def save_scatter(path: str, true_points, gen_points, title: str = "", **kwargs) -> None:
     """Write the true-vs-generated scatter plot to `path` (PNG), atomically."""
     atomic_write_bytes(path, scatter_figure_png(true_points, gen_points, title, **kwargs))
-
-
-def save_animation(path: str, frames: Sequence[Image.Image | str], duration_ms: int = 400,
-                   max_width: int = 480, last_frame_ms: int = 1500) -> None:
-    """An animation of `frames` (PIL images or image paths), format from the extension.
-
-    Frames are scaled down to `max_width` pixels; the last frame is held `last_frame_ms`.
-    GIF frames share an adaptive palette per frame (scatter plots need only a few colours).
-    """
-    ext = os.path.splitext(path)[1].lower().lstrip(".")
-    if ext not in ANIMATION_FORMATS:
-        raise ValueError(f"animation format must be one of {', '.join(ANIMATION_FORMATS)}, "
-                         f"got {path!r}")
-    if not frames:
-        raise ValueError("no frames to animate")
-    images = []
-    for frame in frames:
-        img = Image.open(frame) if isinstance(frame, str) else frame
-        img = img.convert("RGB")
-        if img.width > max_width:
-            height = round(img.height * max_width / img.width)
-            img = img.resize((max_width, height), Image.LANCZOS)
-        images.append(img)
-    durations = [duration_ms] * (len(images) - 1) + [last_frame_ms]
-    if ext == "gif":
-        images = [img.quantize(colors=64, method=Image.Quantize.MEDIANCUT) for img in images]
-        save_kwargs = {"format": "GIF", "optimize": True, "disposal": 1}
-    else:
-        from PIL import features
-
-        if not features.check("webp"):
-            raise ValueError("this PIL build cannot write WebP; use a .gif animation")
-        save_kwargs = {"format": "WEBP", "quality": 70, "method": 4}
-
-    def write(f):
-        images[0].save(f, save_all=True, append_images=images[1:], duration=durations, loop=0,
-                       **save_kwargs)
-
-    atomic_write(path, write)
