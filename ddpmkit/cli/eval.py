@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from ddpmkit.choices import CONFIG_DATASETS
+from ddpmkit.choices import IMAGE_DATASETS
 from ddpmkit.cli import (
     CLIParser,
     add_weights_flags,
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ddpmkit eval",
         description="Evaluate generated images: FID, precision/recall, KID, Inception Score.")
     p.add_argument("--root", default="~/datasets", help="root directory of datasets")
-    p.add_argument("--dataset", choices=CONFIG_DATASETS, default="cifar10",
+    p.add_argument("--dataset", choices=IMAGE_DATASETS, default="cifar10",
                    help="reference dataset (also the default sample folder name)")
     p.add_argument("--ref-split", default="train",
                    help="split of --dataset used as the reference set")
