@@ -8,15 +8,20 @@ that implement each choice take their tuple from here, so the two cannot drift a
 BETA_SCHEDULES = ("linear", "quad", "warmup10", "warmup50", "jsd", "cosine", "const")
 # DDIM step spacing. linear / quadratic: the reference's and the DDIM paper's; linspace /
 # leading / trailing: diffusers' `timestep_spacing` values (linspace is what ddpmkit called
-# linear until it took the reference's meaning).
-SKIP_SCHEDULES = ("linear", "quadratic", "linspace", "leading", "trailing")
+# linear until it took the reference's meaning). karras: Karras et al. 2022's rho = 7 spacing in
+# sigma = sqrt((1 - alphas_bar) / alphas_bar), rounded to timesteps (as diffusers'
+# use_karras_sigmas).
+SKIP_SCHEDULES = ("linear", "quadratic", "linspace", "leading", "trailing", "karras")
 MODEL_MEAN_TYPES = ("eps", "x_0", "mean", "v")
 MODEL_VAR_TYPES = ("fixed-small", "fixed-large", "learned")
 LOSS_TYPES = ("mse", "kl")
 # How the MSE is weighted over t: "uniform" (DDPM eq. 14) or "min-snr" (Hang et al. 2023).
 LOSS_WEIGHTS = ("uniform", "min-snr")
 DECODERS = ("discretized", "continuous")
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+# dpm-solver++ is the 2M solver; unipc2 / unipc3 are UniPC bh2 of order 2 / 3; heun costs two
+# network evaluations per step (one on its last step).
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++3m", "dpm-solver++2m-sde", "unipc2",
+            "unipc3", "heun", "euler-ancestral")
 # Which eps a DDIM step moves along once x_0 is clipped: "clipped" re-derives it from the
 # clipped x_0 (ddpmkit, the reference, GLIDE; diffusers' use_clipped_model_output=True);
 # "model" keeps the network's own (diffusers' DDIMPipeline default). Equal without clipping.

@@ -28,6 +28,7 @@ from ddpmkit.choices import (
     MODEL_VAR_TYPES,
     PRECISIONS,
     RESIZE_MODES,
+    SAMPLERS,
     SKIP_SCHEDULES,
 )
 from ddpmkit.errors import UserError
@@ -176,8 +177,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "total_size": _int("samples per evaluation", 50000, low=1),
         "batch_size": _int("sampling batch size", 256, low=1),
         "use_ddim": _bool("sample with DDIM (else DDPM)", False),
-        "skip_schedule": _choice("DDIM step spacing", "quadratic", SKIP_SCHEDULES),
-        "subseq_size": _int("DDIM steps", 50, low=1),
+        "sampler": _choice("sampler of the sample grids and FID evaluations (null: ddim with "
+                           "use_ddim, else ddpm)", None, SAMPLERS, nullable=True),
+        "skip_schedule": _choice("step spacing of DDIM and the solvers", "quadratic",
+                                 SKIP_SCHEDULES),
+        "subseq_size": _int("DDIM steps (and the other samplers' but ddpm)", 50, low=1),
         "guidance_scale": _float("classifier-free guidance scale w of the sample grids and "
                                  "FID evaluations of a class-conditional run", 1.0, low=0),
     },
@@ -378,6 +382,18 @@ def flag_for(section: str, name: str, flags: Mapping[str, tuple[str, str]]) -> s
         if where == (section, name):
             return "--" + dest.replace("_", "-")
     return None
+
+
+def eval_sampler_name(ev: Mapping[str, Any]) -> str:
+    """The sampler of a run's grids and evaluations: eval.sampler, else the reference's
+    use_ddim (ddim) or ddpm; a use_ddim that contradicts eval.sampler is refused."""
+    name = ev.get("sampler")
+    if name is None:
+        return "ddim" if ev.get("use_ddim") else "ddpm"
+    if ev.get("use_ddim") and name != "ddim":
+        raise UserError(f"--use-ddim (eval.use_ddim) contradicts --sampler {name} "
+                        "(eval.sampler): drop one")
+    return name
 
 
 def markdown_table(flags: Mapping[str, tuple[str, str]] | None = None) -> str:

@@ -88,6 +88,20 @@ def test_profile_step_runs_and_sorts_kernels(bench, config_path, capsys):
                                     "copy/cast", "attention", "optimizer"]
 
 
+def test_toy_samplers_nfe_counts_heun_honestly(bench, capsys):
+    import toy_samplers_nfe
+
+    assert [toy_samplers_nfe.steps_for("heun", n) for n in (5, 10, 20, 50)] == [3, 5, 10, 25]
+    assert toy_samplers_nfe.main(["--timesteps", "100", "--train-steps", "2", "--batch-size",
+                                  "16", "--num-points", "200", "--samplers", "heun",
+                                  "euler-ancestral"]) == 0
+    rows = [line.split("|")[1:4] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| heun", "| euler", "| ddpm"))]
+    assert [[c.strip() for c in r] for r in rows] == (
+        [["ddpm", "100", "100"]] + [["heun", str(2 * s - 1), str(s)] for s in (3, 5, 10, 25)]
+        + [["euler-ancestral", str(n), str(n)] for n in (5, 10, 20, 50)])
+
+
 def test_toy_objectives_compares_at_equal_updates(bench, capsys):
     import toy_objectives
 

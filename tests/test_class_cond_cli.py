@@ -56,7 +56,9 @@ def test_train_toy_class_cond_resumes_exactly(tmp_path, capsys):
 @pytest.mark.parametrize("flags, needle", [
     (["--class-cond", "--dataset", "swissroll"], "swissroll has none"),
     (["--guidance-scale", "1"], "--guidance-scale needs --class-cond"),
-    (["--class-cond", "--guidance-scale", "-1"], "--guidance-scale must be >= 0"),
+    (["--class-cond", "--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0"),
+    (["--class-cond", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    (["--sampler", "heun", "--eta", "0.5"], "--eta applies to ddim only, not to heun"),
     (["--class-cond", "--class-dropout", "1"], "--class-dropout must be in [0, 1)"),
 ])
 def test_train_toy_bad_class_flags(tmp_path, capsys, flags, needle):

@@ -134,7 +134,7 @@ def test_linspace_is_ddpmkits_former_linear_but_at_exact_ties():
     assert ddim_timesteps(1000, 7, "linspace").tolist() == [0, 166, 333, 500, 666, 832, 999]
 
 
-@pytest.mark.parametrize("kind", SKIP_SCHEDULES)
+@pytest.mark.parametrize("kind", [k for k in SKIP_SCHEDULES if k != "karras"])  # no table
 def test_every_spacing_gives_exactly_S_distinct_steps(kind):
     for T in (2, 3, 10, 97, 1000):
         for S in range(1, T + 1, max(1, T // 40)):

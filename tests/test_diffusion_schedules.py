@@ -29,7 +29,7 @@ from ddpmkit.diffusion import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCHEDULE_NAMES = ("linear", "quad", "warmup10", "warmup50", "jsd", "cosine", "const")
-SKIP_NAMES = ("linear", "quadratic", "linspace", "leading", "trailing")
+SKIP_NAMES = ("linear", "quadratic", "linspace", "leading", "trailing", "karras")
 MAX_BETA = 0.999        # the clip every schedule applies (Improved DDPM, section 3.2)
 COSINE_S = 0.008        # Improved DDPM eq. 17 offset
 
@@ -271,7 +271,7 @@ def steps_and_subsequence(draw):
 
 
 @PROPERTY
-@given(T_S=steps_and_subsequence(), kind=st.sampled_from(SKIP_NAMES))
+@given(T_S=steps_and_subsequence(), kind=st.sampled_from(SKIP_NAMES[:-1]))  # karras: a table
 def test_ddim_subsequence_has_exactly_S_increasing_steps(T_S, kind):
     T, S = T_S
     steps = ddim_timesteps(T, S, kind)
@@ -300,7 +300,7 @@ def test_ddim_subsequence_has_exactly_S_increasing_steps(T_S, kind):
             assert np.all(np.abs(steps - ideal) <= 0.5 + 1e-4)
 
 
-@pytest.mark.parametrize("kind", SKIP_NAMES)
+@pytest.mark.parametrize("kind", SKIP_NAMES[:-1])
 @pytest.mark.parametrize("S", [10, 50, 100, 300, 999, 1000])
 def test_ddim_subsequence_regressions_at_T_1000(S, kind):
     """The reference returned 334 steps for S = 300 (range(0, T, T // S)) and repeated the first

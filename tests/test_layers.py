@@ -53,7 +53,7 @@ SHIMS = {
 }
 # Oversized definitions today: "module:qualname" (or "module" for a file) -> lines.
 ALLOWED_LONG = {
-    "cli.train": 468, "training.images": 513,
+    "cli.train": 474, "schema": 414, "training.images": 513,
     "training.trainer": 810, "training.trainer:Trainer": 620,
 }
 

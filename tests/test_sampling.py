@@ -74,7 +74,7 @@ def test_the_weights_are_chosen_once_and_recorded(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("values, message", [
     (dict(total_size=0), "total_size must be at least 1, got 0"),
-    (dict(sampler="ddpm", steps=5), "steps apply to ddim and dpm-solver++"),
+    (dict(sampler="ddpm", steps=5), "steps apply to every sampler but ddpm"),
     (dict(sampler="ddim", steps=0), "steps must be at least 1, got 0"),
     (dict(sampler="dpm-solver++", eta=0.5), "eta applies to ddim only"),
     (dict(sampler="euler"), "sampler must be one of ddpm"),

@@ -83,18 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_weights_flags(p, "use")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm: ancestral, all T steps; ddim: --steps of them, --eta noise; "
-                        "dpm-solver++: 2nd-order multistep ODE solver for 10-25 steps")
+                        "dpm-solver++ (2M), dpm-solver++3m, unipc2, unipc3: multistep ODE "
+                        "solvers for 10-25 steps; dpm-solver++2m-sde, euler-ancestral: "
+                        "stochastic; heun: 2nd order, 2 network calls per step (1 on the last)")
     p.add_argument("--use-ddim", action="store_true", help="same as --sampler ddim")
     p.add_argument("--steps", "--subseq-size", dest="steps", type=int, default=None,
-                   help="sampling steps for ddim (default 50) and dpm-solver++ (default 20); "
-                        "--subseq-size is the reference's name")
+                   help="sampling steps of every sampler but ddpm (default 50 for ddim, 10 "
+                        "for heun, 20 for the others); --subseq-size is the reference's name")
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise scale: 0 deterministic, 1 like DDPM")
     p.add_argument("--skip-schedule", choices=SKIP_SCHEDULES, default=None,
-                   help="how ddim / dpm-solver++ space their steps: linear (0, T/S, 2T/S, ...) "
+                   help="how ddim and the solvers space their steps: linear (0, T/S, 2T/S, ...) "
                    "and quadratic as the reference and the DDIM paper; linspace, leading, "
-                   "trailing as diffusers (default: linear for ddim, quadratic for "
-                   "dpm-solver++)")
+                   "trailing as diffusers; karras: Karras et al.'s rho = 7 (default: linear "
+                   "for ddim, quadratic over [0, T-1] for the solvers)")
     p.add_argument("--ddim-eps-from", choices=DDIM_EPS_SOURCES, default=None,
                    help="the eps a DDIM step uses once x_0 is clipped: re-derived from the "
                         "clipped x_0 (clipped, the default) or the network's own (model, as "

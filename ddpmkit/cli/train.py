@@ -22,6 +22,7 @@ from ddpmkit.choices import (
     MODEL_VAR_TYPES,
     PRECISIONS,
     RESIZE_MODES,
+    SAMPLERS,
     SKIP_SCHEDULES,
 )
 from ddpmkit.cli import (
@@ -101,6 +102,7 @@ FLAG_TO_CONFIG = {
     "eval_total_size": ("eval", "total_size"),
     "eval_batch_size": ("eval", "batch_size"),
     "use_ddim": ("eval", "use_ddim"),
+    "sampler": ("eval", "sampler"),
     "skip_schedule": ("eval", "skip_schedule"),
     "subseq_size": ("eval", "subseq_size"),
 }
@@ -294,6 +296,9 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-total-size", type=int, default=_d("eval", "total_size"))
     g.add_argument("--eval-batch-size", type=int, default=_d("eval", "batch_size"))
     g.add_argument("--use-ddim", action="store_true")
+    g.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="sampler of the sample grids and FID evaluations (default: ddim with "
+                        "--use-ddim, else ddpm); --subseq-size gives its steps")
     g.add_argument("--skip-schedule", choices=SKIP_SCHEDULES, default=_d("eval", "skip_schedule"))
     g.add_argument("--subseq-size", type=int, default=_d("eval", "subseq_size"))
     g.add_argument("--guidance-scale", type=float, default=_d("eval", "guidance_scale"),
@@ -412,6 +417,7 @@ def validate_config(config: Dict[str, Any]) -> None:
                         f"{train['num_accum']}")
     if config["dataset"]["name"] == "folder" and not config["dataset"].get("resolution"):
         raise UserError("--dataset folder needs --image-size S or H,W")
+    schema.eval_sampler_name(config["eval"])
 
 
 def check_class_flags(config: Dict[str, Any], typed: Set[str]) -> None:

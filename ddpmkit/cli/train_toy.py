@@ -18,7 +18,7 @@ import math
 import sys
 from typing import Any
 
-from ddpmkit.choices import ANIMATION_FORMATS, BETA_SCHEDULES, TOY_DATASETS
+from ddpmkit.choices import ANIMATION_FORMATS, BETA_SCHEDULES, SAMPLERS, TOY_DATASETS
 from ddpmkit.cli import CLIParser, add_objective_flags
 from ddpmkit.config import parse_with_explicit
 from ddpmkit.errors import UserError
@@ -104,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="points generated for the final evaluation")
     p.add_argument("--num-interim-samples", type=int, default=5_000,
                    help="points generated at each --eval-intv evaluation before the last")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm-solver++"), default="ddpm",
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="sampler used for evaluation")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps for ddim / dpm-solver++ (ddim: T, dpm-solver++: 20)")
+                   help="sampling steps of every sampler but ddpm (ddim: T, heun: 10, the "
+                        "others: 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--animation-format", choices=(*ANIMATION_FORMATS, "none"), default="gif",
                    help="format of the animation of the evaluation plots")
@@ -166,6 +167,8 @@ def validate(c: dict[str, Any]) -> None:
             raise UserError(f"{_flag(name)} must be in [0, 1), got {c[name]}")
     if c["steps"] is not None and c["steps"] <= 0:
         raise UserError(f"--steps must be positive, got {c['steps']}")
+    if c["eta"] != 0 and c["sampler"] != "ddim":
+        raise UserError(f"--eta applies to ddim only, not to {c['sampler']}")
     _validate_classes(c)
     if c["chkpt_path"] and not c["resume"]:
         raise UserError("--chkpt-path names the checkpoint to resume from: add --resume, or "
@@ -183,8 +186,9 @@ def _validate_classes(c: dict[str, Any]) -> None:
         if not c["class_cond"]:
             raise UserError("--guidance-scale needs --class-cond (an unconditional model has "
                             "nothing to guide)")
-        if c["guidance_scale"] < 0:
-            raise UserError(f"--guidance-scale must be >= 0, got {c['guidance_scale']}")
+        if not 0 <= c["guidance_scale"] < math.inf:
+            raise UserError(f"--guidance-scale must be a finite number >= 0, got "
+                            f"{c['guidance_scale']}")
     elif c["class_cond"]:
         c["guidance_scale"] = DEFAULT_TOY_GUIDANCE_SCALE
 

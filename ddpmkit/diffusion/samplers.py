@@ -1,15 +1,16 @@
-"""Samplers: DDPM ancestral, DDIM, DPM-Solver++(2M), all driven by one loop, `sample`.
+"""Samplers: DDPM ancestral, DDIM, and (in multistep.py, sigma_samplers.py) DPM-Solver++ 2M /
+3M / 2M SDE, UniPC, Heun, Euler ancestral, all driven by one loop, `sample`.
 
 References:
 - DDPM (Ho et al. 2020), Algorithm 2: ancestral sampling x_{t-1} ~ p(x_{t-1} | x_t).
 - DDIM (Song et al. 2021), eq. 12 (the update) and eq. 16 (sigma_t(eta)).
-- DPM-Solver++ (Lu et al. 2022), Algorithm 2 (multistep, second order, data prediction),
-  with a first-order first step and a first-order final step to t = 0 (lambda = +inf).
+- The ODE / SDE solvers: see multistep.py and sigma_samplers.py.
 
 Symbols: alpha_t = sqrt(alphas_bar_t), sigma_t = sqrt(1 - alphas_bar_t) (DPM-Solver's VP
 notation), lambda_t = log(alpha_t / sigma_t); S sampling steps; x: (B, *S).
-Every sampler lists the timesteps it evaluates (descending) and a `step` that maps x_t and the
-network output to the next x; `sample` is the only loop.
+Every sampler lists the timesteps it evaluates (descending; one network evaluation each, so
+len(timesteps) is the NFE) and a `step` that maps x_t and the network output to the next x;
+`sample` is the only loop.
 """
 
 import math
@@ -21,7 +22,10 @@ import torch
 
 from ddpmkit.choices import DDIM_EPS_SOURCES, DDIM_STEP_TARGETS, SAMPLERS
 from ddpmkit.diffusion.gaussian import DenoiseFn, GaussianDiffusion
-from ddpmkit.diffusion.schedules import ddim_timesteps, solver_timesteps
+from ddpmkit.diffusion.multistep import DPMSolverPPSampler, UniPCSampler
+from ddpmkit.diffusion.sampler_utils import alphas_bar_at
+from ddpmkit.diffusion.schedules import ddim_timesteps, karras_timesteps
+from ddpmkit.diffusion.sigma_samplers import EulerAncestralSampler, HeunSampler
 
 NoiseFn = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -58,21 +62,10 @@ class DDPMSampler:
         return x, p.pred_x_0
 
 
-def _alphas_bar_at(diffusion: GaussianDiffusion, steps: np.ndarray) -> np.ndarray:
-    """alphas_bar at each step, with step -1 meaning clean data (alphas_bar = 1)."""
-    return np.where(steps >= 0, diffusion.alphas_bar[np.maximum(steps, 0)], 1.0)
-
-
 def _model_eps(diffusion: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor,
                t: torch.Tensor) -> torch.Tensor:
     """eps as the network predicts it, before any clipping of x_0: (B, *S)."""
     return diffusion.predict(model_output, x_t, t, clip_denoised=False).eps
-
-
-def _half_log_snr(alpha_bar: float) -> float:
-    """lambda = log(alpha / sigma) = (log(alphas_bar) - log(1 - alphas_bar)) / 2; -inf at zero
-    SNR, where a step of size h = +inf lands on the first-order (DDIM) update."""
-    return -math.inf if alpha_bar == 0 else 0.5 * (math.log(alpha_bar) - math.log(1 - alpha_bar))
 
 
 @dataclass
@@ -88,17 +81,22 @@ class DDIMSampler:
     skip_schedule: str = "linear"
     eps_from: str = "clipped"
     step_to: str = "next"
+    alphas_bar: Optional[np.ndarray] = field(default=None, repr=False)  # for karras spacing
     timesteps: np.ndarray = field(init=False)
     targets: np.ndarray = field(init=False)  # where each step lands; -1 is clean data
 
     def __post_init__(self):
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if not 0 <= self.eta < math.inf:
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
         for value, allowed, what in ((self.eps_from, DDIM_EPS_SOURCES, "DDIM eps source"),
                                      (self.step_to, DDIM_STEP_TARGETS, "DDIM step target")):
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
-        self.timesteps = ddim_timesteps(self.T, self.steps, self.skip_schedule)[::-1].copy()
+        if self.skip_schedule == "karras":
+            steps = karras_timesteps(self.alphas_bar, self.steps)
+        else:
+            steps = ddim_timesteps(self.T, self.steps, self.skip_schedule)
+        self.timesteps = steps[::-1].copy()
         if self.step_to == "next":
             self.targets = np.append(self.timesteps[1:], -1)
         else:
@@ -117,7 +115,7 @@ class DDIMSampler:
         p = diffusion.p_mean_var(model_output, x_t, t, clip_denoised=clip)
         eps = p.pred_eps if self.eps_from == "clipped" else _model_eps(diffusion, model_output,
                                                                        x_t, t)
-        ab_now, ab_next = _alphas_bar_at(diffusion, np.array([t_now, t_next]))
+        ab_now, ab_next = alphas_bar_at(diffusion, np.array([t_now, t_next]))
         # (1) eq. 16: sigma_t(eta) = eta sqrt((1 - ab_next) / (1 - ab_now)) sqrt(1 - ab_now / ab_next)
         sigma = self.eta * math.sqrt((1 - ab_next) / (1 - ab_now)) * math.sqrt(1 - ab_now / ab_next)
         # (2) eq. 12: x_next = sqrt(ab_next) x_0 + sqrt(1 - ab_next - sigma^2) eps + sigma z
@@ -128,83 +126,53 @@ class DDIMSampler:
         return x, p.pred_x_0
 
 
-@dataclass
-class _DPMState:
-    prev_x_0: Optional[torch.Tensor] = None
-    prev_h: Optional[float] = None
-
-
-@dataclass
-class DPMSolverPPSampler:
-    """DPM-Solver++(2M): S network evaluations at S timesteps spread from T-1 down (t = 0 is not
-    evaluated), then a first-order final step to clean data."""
-    T: int
-    steps: int
-    skip_schedule: str = "quadratic"
-    timesteps: np.ndarray = field(init=False)
-
-    def __post_init__(self):
-        if not 1 <= self.steps <= self.T - 1:
-            raise ValueError(f"DPM-Solver++ steps must be in [1, {self.T - 1}], got {self.steps}")
-        # S + 1 distinct points in [0, T), drop t = 0: the last step jumps to clean data.
-        # Quadratic spacing here spans all of [0, T-1] (the DPM-Solver paper's time-quadratic
-        # steps), not DDIM's [0, 0.8 T]: the solver starts from x_T at T-1.
-        self.timesteps = solver_timesteps(self.T, self.steps, self.skip_schedule)[:0:-1].copy()
-
-    def needs_noise(self, i: int) -> bool:
-        return False
-
-    def new_state(self) -> Any:
-        return _DPMState()
-
-    def step(self, diffusion, model_output, x_t, i, noise, clip, state: _DPMState):
-        t_now = int(self.timesteps[i])
-        t_next = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
-        t = torch.full((x_t.shape[0],), t_now, dtype=torch.long, device=x_t.device)
-        x_0 = diffusion.predict(model_output, x_t, t, clip_denoised=clip).x_0
-        if t_next < 0:
-            return x_0, x_0  # lambda = +inf: the first-order step lands exactly on x_0
-        ab_now, ab_next = _alphas_bar_at(diffusion, np.array([t_now, t_next]))
-        h = _half_log_snr(ab_next) - _half_log_snr(ab_now)
-        if state.prev_x_0 is None:
-            d = x_0  # (1) first step: first order (DDIM)
-        else:
-            # (2) second order: D = (1 + 1/(2r)) x_0 - 1/(2r) x_0_prev, r = h_prev / h
-            r = state.prev_h / h
-            d = (1 + 1 / (2 * r)) * x_0 - (1 / (2 * r)) * state.prev_x_0
-        # (3) x_next = (sigma_next / sigma_now) x_t - alpha_next (e^{-h} - 1) D
-        x = (math.sqrt((1 - ab_next) / (1 - ab_now)) * x_t
-             - math.sqrt(ab_next) * math.expm1(-h) * d)
-        state.prev_x_0, state.prev_h = x_0, h
-        return x, x_0
-
-
-# Step spacing when none is asked for. DDIM: the reference's and the DDIM paper's. DPM-Solver++
-# ends with a first-order jump from its smallest timestep to clean data; with evenly spread
+# Step spacing when none is asked for. DDIM: the reference's and the DDIM paper's. The solvers
+# end with a first-order jump from their smallest timestep to clean data; with evenly spread
 # steps that timestep is ~T/S, and the jump squeezes narrow modes (toy data: to 0.2-0.4 of
 # their width at 50-100 steps); quadratic spacing puts it near t = 0 (measured in the README's
 # sampler comparison).
-DEFAULT_SKIP_SCHEDULE = {"ddim": "linear", "dpm-solver++": "quadratic"}
+DEFAULT_SKIP_SCHEDULE = {"ddim": "linear"}
+SOLVER_DEFAULT_STEPS = 20
+HEUN_DEFAULT_STEPS = 10  # 19 network evaluations
+# name -> (class, keyword arguments)
+SOLVERS = {
+    "dpm-solver++": (DPMSolverPPSampler, {"order": 2}),
+    "dpm-solver++3m": (DPMSolverPPSampler, {"order": 3}),
+    "dpm-solver++2m-sde": (DPMSolverPPSampler, {"order": 2, "sde": True}),
+    "unipc2": (UniPCSampler, {"order": 2}),
+    "unipc3": (UniPCSampler, {"order": 3}),
+    "heun": (HeunSampler, {}),
+    "euler-ancestral": (EulerAncestralSampler, {}),
+}
 
 
 def make_sampler(diffusion: GaussianDiffusion, name: str = "ddpm", steps: Optional[int] = None,
                  eta: float = 0.0, skip_schedule: Optional[str] = None,
                  eps_from: Optional[str] = None, step_to: Optional[str] = None):
-    """Build a sampler by name. `steps` defaults to T for ddim and 20 for dpm-solver++;
-    `skip_schedule` to linear for ddim and quadratic for dpm-solver++. `eps_from` and
-    `step_to` are DDIM's (default "clipped", "next"); other samplers refuse them."""
-    skip_schedule = skip_schedule or DEFAULT_SKIP_SCHEDULE.get(name, "linear")
+    """Build a sampler by name (SAMPLERS). `steps` defaults to T for ddim, 10 for heun and 20
+    for the other solvers; `skip_schedule` to linear for ddim and quadratic for the solvers.
+    `eta`, `eps_from` and `step_to` are DDIM's (default 0, "clipped", "next"); other samplers
+    ignore `eta` and refuse the other two. The solvers use the network's mean prediction only:
+    a learned variance is well defined but unused (their paths fix the noise they add; DDPM is
+    the sampler that uses it)."""
+    skip_schedule = skip_schedule or DEFAULT_SKIP_SCHEDULE.get(name, "quadratic")
+    if not 0 <= eta < math.inf:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
     if name != "ddim" and (eps_from is not None or step_to is not None):
         raise ValueError(f"eps_from and step_to are DDIM settings; the {name} sampler has none")
     if name == "ddpm":
         return DDPMSampler(diffusion.T)
     if name == "ddim":
         return DDIMSampler(diffusion.T, diffusion.T if steps is None else steps, eta,
-                           skip_schedule, eps_from or "clipped", step_to or "next")
-    if name == "dpm-solver++":
-        return DPMSolverPPSampler(diffusion.T, min(20, diffusion.T - 1) if steps is None
-                                  else steps, skip_schedule)
-    raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+                           skip_schedule, eps_from or "clipped", step_to or "next",
+                           diffusion.alphas_bar)
+    if name not in SOLVERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    cls, kwargs = SOLVERS[name]
+    if steps is None:
+        steps = min(HEUN_DEFAULT_STEPS if name == "heun" else SOLVER_DEFAULT_STEPS,
+                    diffusion.T - 1)
+    return cls(diffusion.T, steps, skip_schedule, alphas_bar=diffusion.alphas_bar, **kwargs)
 
 
 def sample(diffusion: GaussianDiffusion, denoise_fn: DenoiseFn, sampler, x_T: torch.Tensor, *,

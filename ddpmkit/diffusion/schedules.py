@@ -10,6 +10,8 @@ References:
 - Lin, Liu, Li, Yang (2024), "Common Diffusion Noise Schedules and Sampling Steps Are Flawed",
   table 2, as diffusers implements it: `linspace`, `leading`, `trailing`.
 - Lu et al. (2022), "DPM-Solver": time-quadratic steps over all of [0, T-1].
+- Karras, Aittala, Aila, Laine (2022), "Elucidating the Design Space...", eq. 5: `karras`
+  (rho = 7) steps in sigma = sqrt((1 - alphas_bar) / alphas_bar), mapped to timesteps.
 - Lin, Liu, Li, Yang (2024), Algorithm 1: `rescale_zero_terminal_snr`.
 
 Symbols: T training steps; S sampling steps; betas (T,); alphas_bar (T,) = prod(1 - betas).
@@ -136,6 +138,8 @@ def ddim_timesteps(T: int, S: int, kind: str = "linear") -> np.ndarray:
     T, S = _check_subsequence_size(T, S)
     if kind not in SKIP_SCHEDULES:
         raise ValueError(f"unknown skip schedule {kind!r}; choose from {', '.join(SKIP_SCHEDULES)}")
+    if kind == "karras":
+        raise ValueError("karras spacing depends on the noise schedule: use karras_timesteps")
     if S == 1:
         return np.array([T - 1], dtype=np.int64)
     i = np.arange(S, dtype=np.int64)
@@ -172,4 +176,36 @@ def solver_timesteps(T: int, S: int, kind: str = "quadratic") -> np.ndarray:
     candidates = np.floor(np.linspace(0, math.sqrt(T - 1), n) ** 2 + 0.5)
     steps = _distinct(candidates, T)
     assert len(np.unique(steps)) == n and steps[0] >= 0 and steps[-1] < T
+    return steps
+
+
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5 and table 1
+
+
+def karras_timesteps(alphas_bar: np.ndarray, S: int, rho: float = KARRAS_RHO) -> np.ndarray:
+    """S distinct, increasing timesteps (int64, (S,)) spaced as Karras et al. eq. 5 in
+    sigma_t = sqrt((1 - alphas_bar_t) / alphas_bar_t), from sigma_0 to sigma_{T-1}.
+
+    Each sigma_i = (sigma_max^(1/rho) + i / (S - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+    is mapped to the timestep whose log-sigma it interpolates, rounded half to even (diffusers'
+    `use_karras_sigmas`: equal lists while they are distinct). Repeats, which diffusers keeps,
+    move up by one. The samplers then use the table's sigma at each timestep, so the network
+    sees the noise level it is evaluated at (diffusers keeps the unrounded sigmas instead).
+    """
+    if alphas_bar is None:
+        raise ValueError("karras spacing needs the noise schedule (alphas_bar)")
+    alphas_bar = np.asarray(alphas_bar, dtype=np.float64)
+    if alphas_bar[-1] == 0:
+        raise ValueError("karras spacing needs a finite sigma at t = T-1, and zero terminal SNR "
+                         "makes it infinite; use trailing, linspace or quadratic spacing")
+    T, S = _check_subsequence_size(len(alphas_bar), S)
+    if S == 1:
+        return np.array([T - 1], dtype=np.int64)
+    log_sigmas = 0.5 * (np.log1p(-alphas_bar) - np.log(alphas_bar))  # increasing in t
+    inv_rho_max, inv_rho_min = np.exp(log_sigmas[[-1, 0]] / rho)
+    ramp = np.linspace(0, 1, S)
+    sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho  # descending
+    t = np.round(np.interp(np.log(sigmas), log_sigmas, np.arange(T, dtype=np.float64)))
+    steps = _distinct(t[::-1], T)
+    assert len(np.unique(steps)) == S and steps[0] >= 0 and steps[-1] < T
     return steps

@@ -25,6 +25,7 @@ from ddpmkit.errors import UserError
 # The dataset a checkpoint without a config is assumed to be, when none is named.
 DEFAULT_DATASET = "cifar10"
 # Steps when none are given (DDIM: the reference's --subseq-size default).
+# The other solvers take make_sampler's: 20 steps, heun 10 (19 network evaluations).
 DEFAULT_STEPS = {"ddim": 50, "dpm-solver++": 20}
 ANIMATE_TARGETS = ("x_0", "x_t")
 
@@ -132,13 +133,13 @@ class SampleConfig:
     def _check_sampler(self, spell: Callable[[str], str]) -> None:
         if self.steps is not None:
             if self.sampler == "ddpm":
-                raise UserError(f"{spell('steps')} apply to ddim and dpm-solver++; ddpm uses "
-                                "all T steps")
+                raise UserError(f"{spell('steps')} apply to every sampler but ddpm, which "
+                                "uses all T steps")
             if self.steps < 1:
                 raise UserError(f"{spell('steps').split(' ')[0]} must be at least 1, got "
                                 f"{self.steps}")
-        if not self.eta >= 0:
-            raise UserError(f"{spell('eta')} must be >= 0, got {self.eta}")
+        if not 0 <= self.eta < math.inf:
+            raise UserError(f"{spell('eta')} must be a finite number >= 0, got {self.eta}")
         if self.sampler != "ddim" and self.eta != 0:
             raise UserError(f"{spell('eta')} applies to ddim only, not to {self.sampler}")
         if (self.ddim_eps_from or self.ddim_step_to) and self.sampler != "ddim":

@@ -1,7 +1,7 @@
 """Seeded per-sample noise: every sample is a pure function of (seed, global index).
 
-Its starting noise x_T and the fresh noise of each stochastic step (DDPM, DDIM with eta > 0)
-come from a counter-based generator keyed by the seed and addressed by (index, stream,
+Its starting noise x_T and the fresh noise of each stochastic step (DDPM, DDIM with eta > 0,
+the SDE solvers) come from a counter-based generator keyed by the seed and addressed by (index, stream,
 position). So the set of images does not depend on the batch size, the number of processes, or
 which images a resumed run still had to make, and process r of W simply takes indices r, r + W,
 r + 2W, ... (`shard`; no communication).

@@ -92,13 +92,16 @@ def manifest_settings(config: SampleConfig, loaded: SampleModel, sampler, precis
     """What decides the images, recorded in the folder's manifest (generation.json)."""
     settings = {
         "checkpoint_sha256": checkpoint_digest(loaded.path), "use_ema": loaded.weights == "ema",
-        "sampler": config.sampler, "steps": len(sampler.timesteps), "eta": config.eta,
+        "sampler": config.sampler, "steps": getattr(sampler, "steps", len(sampler.timesteps)),
+        "eta": config.eta,
         "skip_schedule": config.skip_schedule, "seed": config.seed, "precision": precision,
         "image_shape": list(shape), "noise": NOISE_VERSION,
     }
     if config.sampler == "ddim":  # what `linear` means changed once: record the steps themselves
         settings.update(timesteps=sampler.timesteps.tolist(), ddim_eps_from=sampler.eps_from,
                         ddim_step_to=sampler.step_to)
+    elif config.sampler not in ("ddpm", "dpm-solver++"):  # (those two keep their old manifests)
+        settings.update(timesteps=sampler.timesteps.tolist())
     if guidance is not None:  # only then: unconditional folders keep their manifests
         settings.update({"class_labels": list(guidance.labels.classes),
                          "labels": guidance.labels.rule, "guidance_scale": guidance.scale})

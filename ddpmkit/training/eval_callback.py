@@ -31,7 +31,7 @@ class FIDCallback(Callback):
         self.every = int(ev.get("intv") or 0)
         self.total = int(ev["total_size"])
         self.batch = int(ev["batch_size"])
-        self.sampler_name = "ddim" if ev["use_ddim"] else "ddpm"
+        self.sampler_name = schema.eval_sampler_name(ev)
         self.steps = int(ev.get("subseq_size") or 0) or None
         self.skip_schedule = ev["skip_schedule"]
         self.guidance_scale = float(ev["guidance_scale"])

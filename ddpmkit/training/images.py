@@ -387,7 +387,7 @@ def _callbacks(config, options, diffusion, device, folder: RunFolder,
     shape = (ds["channels"], *size_hw(ds["resolution"]))
     grid = SampleGrid(diffusion, shape, run_dirs(config)["images"], every=int(tr["image_intv"]),
                       num=int(tr["num_samples"]), seed=int(tr["seed"]) + GRID_SEED_OFFSET,
-                      sampler_name="ddim" if ev["use_ddim"] else "ddpm",
+                      sampler_name=schema.eval_sampler_name(ev),
                       steps=int(ev.get("subseq_size") or 0) or None,
                       skip_schedule=ev["skip_schedule"], guidance_scale=float(ev["guidance_scale"]))
     callbacks: List[Callback] = [folder, grid]
