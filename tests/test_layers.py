@@ -49,6 +49,7 @@ SHIMS = {
     "training.distributed": "runtime.distributed",
     "training.preemption": "runtime.stops",
     "training.checkpoint": "checkpoints.files",
+    "schema": "config.schema",
 }
 # Oversized definitions today: "module:qualname" (or "module" for a file) -> lines.
 ALLOWED_LONG = {

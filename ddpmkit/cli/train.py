@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Set
 
-from ddpmkit import schema
+from ddpmkit.config import schema
 from ddpmkit.choices import (
     BETA_SCHEDULES,
     IMAGE_DATASETS,

@@ -54,7 +54,7 @@ from ddpmkit.data.readers import (  # noqa: F401  (read_idx: part of this module
     resize_uint8,
 )
 from ddpmkit.errors import UserError
-from ddpmkit.schema import size_hw
+from ddpmkit.config.schema import size_hw
 
 logger = logging.getLogger(__name__)
 

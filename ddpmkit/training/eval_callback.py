@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ddpmkit import schema
+from ddpmkit.config import schema
 from ddpmkit.runtime.devices import resolve_device
 from ddpmkit.training.trainer import Callback, Trainer
 

@@ -22,13 +22,13 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.data import DistributedSampler
 
-from ddpmkit import schema
+from ddpmkit.config import schema
 from ddpmkit.build import build_diffusion
 from ddpmkit.errors import UserError, signal_name
 from ddpmkit.runtime import distributed as dist_utils
 from ddpmkit.runtime.devices import autocast_dtype, compile_mode, compile_module, resolve_precision
 from ddpmkit.runtime.stops import StopFlag, exit_code
-from ddpmkit.schema import size_hw
+from ddpmkit.config.schema import size_hw
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.trainer import Callback, Trainer
 from ddpmkit.utils.io import check_writable_folder

@@ -11,7 +11,9 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ddpmkit.errors import UserError
 
-PACKAGE_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# The shipped configs sit in the package folder (ddpmkit/configs), beside this package.
+PACKAGE_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "configs")
 
 
 def parse_with_explicit(
