@@ -53,9 +53,9 @@ SHIMS = {
 }
 # Oversized definitions today: "module:qualname" (or "module" for a file) -> lines.
 ALLOWED_LONG = {
-    "cli.generate": 557, "cli.train": 468, "data.images": 638, "diffusion.gaussian": 410,
+    "cli.generate": 557, "data.images": 638, "diffusion.gaussian": 410,
     "generation": 478, "metrics.inception": 518, "models.unet:UNet.__init__": 84,
-    "training.images": 513,
+    "training.images": 440,
     "training.trainer": 810, "training.trainer:Trainer": 620,
 }
 

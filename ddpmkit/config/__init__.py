@@ -98,3 +98,16 @@ def dump_json(config: Dict[str, Any], path: str) -> None:
     from ddpmkit.utils.io import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+# The frozen run configurations (imported last: they read the schema of this package).
+from ddpmkit.config.run import (  # noqa: E402,F401
+    DatasetCfg,
+    DiffusionCfg,
+    EvalCfg,
+    ImageRunConfig,
+    ModelCfg,
+    RunPaths,
+    TrainCfg,
+)
+from ddpmkit.config.toy import ToyRunConfig  # noqa: E402,F401

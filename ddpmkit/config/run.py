@@ -25,12 +25,12 @@ def _default(section: str, name: str):
     return field(default=SCHEMA[section][name].default)
 
 
-def _frozen(value: Any) -> Any:
-    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+def frozen_value(value: Any) -> Any:
+    return tuple(frozen_value(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _thawed(value: Any) -> Any:
-    return [_thawed(v) for v in value] if isinstance(value, (list, tuple)) else value
+def plain_value(value: Any) -> Any:
+    return [plain_value(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 class Section:
@@ -46,10 +46,10 @@ class Section:
         if unknown:
             raise UserError(f"unknown key(s) {', '.join(unknown)} in the config's "
                             f"{cls.SECTION!r} section (see the README's config keys)")
-        return cls(**{k: _frozen(v) for k, v in values.items()})
+        return cls(**{k: frozen_value(v) for k, v in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _thawed(getattr(self, f.name)) for f in dataclasses.fields(self)
+        return {f.name: plain_value(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if getattr(self, f.name) is not None or f.name in self.ALWAYS_WRITTEN}
 
 

@@ -39,6 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ddpmkit.choices import IMAGE_DATASETS
+from ddpmkit.config.schema import size_hw
 from ddpmkit.data.folder import (
     IMAGE_EXTENSIONS,
     ResizeTo,
@@ -54,7 +55,6 @@ from ddpmkit.data.readers import (  # noqa: F401  (read_idx: part of this module
     resize_uint8,
 )
 from ddpmkit.errors import UserError
-from ddpmkit.config.schema import size_hw
 
 logger = logging.getLogger(__name__)
 

@@ -139,8 +139,8 @@ def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def image_shape(config: Mapping[str, Any]) -> tuple[int, int, int]:
     """(C, H, W) of the images a config's network makes."""
-    from ddpmkit.data.images import dataset_info
     from ddpmkit.config.schema import size_hw
+    from ddpmkit.data.images import dataset_info
 
     data = config.get("dataset") or {}
     channels = config["model"].get("in_channels") or data.get("channels")

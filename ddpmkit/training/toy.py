@@ -7,7 +7,7 @@ gaussian25), trained with label dropout `class_dropout`, and every evaluation as
 modes in turn (point i: mode i mod K) with guidance scale `guidance_scale`, reporting also the
 share of points within 3 std of the mode asked for.
 
-`ddpmkit train-toy` parses flags into a plain config dict `c` (flag names as keys) and calls
+`ddpmkit train-toy` parses flags into a `ToyRunConfig` (flag names as fields) and calls
 `train_toy(c)`. Files (in `c["chkpt_dir"]` and `<image_dir>/<dataset>`) are written only once
 the first update succeeded, as for image training (`RunFolder`).
 """
@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ddpmkit.checkpoints.files import load_checkpoint
+from ddpmkit.config.toy import ToyRunConfig
 from ddpmkit.data.toy import (
     TensorBatches,
     make_labeled_toy_data,
@@ -319,15 +320,20 @@ def _build_trainer(c: dict[str, Any], device, folder: RunFolder, callback: ToyEv
         class_dropout=c.get("class_dropout", 0.0) if c.get("class_cond") else 0.0)
 
 
-def train_toy(c: dict[str, Any], report: Callable[[str], None] = logger.info) -> int:
+def train_toy(config: ToyRunConfig | dict[str, Any],
+              report: Callable[[str], None] = logger.info) -> int:
     """Train, evaluate and plot a toy model as `ddpmkit train-toy` does; returns the exit
-    status (0, or 128 + the signal that stopped it)."""
+    status (0, or 128 + the signal that stopped it). `config`: a `ToyRunConfig` (or its
+    `to_dict()`); the run records the device it resolved to."""
     from ddpmkit.runtime.devices import resolve_device
 
     t_start = time.perf_counter()
-    device = resolve_device(c["device"])
-    c["device_resolved"] = str(device)
-    c["chkpt_dir"] = os.path.expanduser(c["chkpt_dir"])
+    if not isinstance(config, ToyRunConfig):
+        config = ToyRunConfig.from_dict(config)
+    device = resolve_device(config.device)
+    config = config.replace(device_resolved=str(device),
+                            chkpt_dir=os.path.expanduser(config.chkpt_dir))
+    c = config.to_dict()  # the flat dict the run's helpers read and its checkpoints store
     image_dir = os.path.join(os.path.expanduser(c["image_dir"]), c["dataset"])
     folder = prepare_folder(c, image_dir)
     report("config: " + json.dumps({k: c[k] for k in sorted(c)}))
