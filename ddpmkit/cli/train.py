@@ -302,7 +302,7 @@ def run(args: argparse.Namespace, typed: Set[str], parser: argparse.ArgumentPars
         raise UserError(f"--num-gpus must be at least 1, got {args.num_gpus}")
     resuming = bool(args.resume or args.auto_resume or elastic_restart())
     config = resolve_image_run(vars(args), typed, resuming=resuming)
-    from ddpmkit.training.images import launch
+    from ddpmkit.recipes.image import launch
 
     return launch(config, options)
 

@@ -150,7 +150,7 @@ def run(argv: list[str] | None) -> int:
 
     c = resolve_config(argv)
     setup_logging()
-    from ddpmkit.training.toy import train_toy  # torch loads here, after the flags are checked
+    from ddpmkit.recipes.toy import train_toy  # torch loads here, after the flags are checked
 
     return train_toy(c, report=lambda line: print(line, flush=True))
 
