@@ -45,7 +45,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 def train(flags: list[str]) -> str:
     """Run `train-toy --class-cond FLAGS`; returns its final checkpoint."""
     from ddpmkit.cli.train_toy import resolve_config
-    from ddpmkit.training.toy import train_toy
+    from ddpmkit.recipes.toy import train_toy
 
     c = resolve_config([*flags, "--class-cond", "--no-progress", "--animation-format", "none"])
     start = time.perf_counter()

@@ -13,21 +13,12 @@ reproduce what those trained.
 
 from typing import Any, Dict
 
+from ddpmkit.config import schema
 from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule, rescale_zero_terminal_snr
 from ddpmkit.errors import UserError
 
-DIFFUSION_DEFAULTS: Dict[str, Any] = {
-    "beta_schedule": "linear",
-    "beta_start": 1e-4,
-    "beta_end": 0.02,
-    "timesteps": 1000,
-    "model_mean_type": "eps",
-    "model_var_type": "fixed-large",
-    "loss_type": "mse",
-    "loss_weight": "uniform",
-    "min_snr_gamma": 5.0,
-    "zero_terminal_snr": False,
-}
+# The diffusion section's built-in values: the schema's (its one source of defaults).
+DIFFUSION_DEFAULTS: Dict[str, Any] = schema.defaults()["diffusion"]
 CUSTOM_SCHEDULE = "custom"
 
 

@@ -34,12 +34,12 @@ def test_gaussian8_samples_sit_on_the_requested_mode(tmp_path, capsys):
 def test_gaussian25_guidance_puts_95_percent_on_the_requested_mode(tmp_path):
     """The README's guidance curve: at least 95% of the points asked for mode k within 3 std of
     mode k (guidance 1; measured 99.6%), and guidance raises that share over w = 0."""
+    from ddpmkit.recipes.toy import train_toy
     from ddpmkit.training.toy import (
         ToyEvaluation,
         build_diffusion,
         guidance_curve,
         load_toy_model,
-        train_toy,
     )
 
     c = resolve_config(["--dataset", "gaussian25", *SHORT_SHARP, "--epochs", "30",

@@ -13,7 +13,6 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Set
 
-from ddpmkit import schema
 from ddpmkit.choices import (
     BETA_SCHEDULES,
     IMAGE_DATASETS,
@@ -32,80 +31,20 @@ from ddpmkit.cli import (
     run_guarded,
     setup_logging,
 )
-from ddpmkit.config import (
-    PACKAGE_CONFIG_DIR,
-    deep_update,
-    find_config_file,
-    load_json,
-    parse_with_explicit,
+from ddpmkit.config import PACKAGE_CONFIG_DIR, parse_with_explicit, schema
+from ddpmkit.config.facts import elastic_restart
+from ddpmkit.config.resolve import (  # noqa: F401 (validate_config: the checks' public name)
+    OPTION_KEYS,
+    resolve_image_dict,
+    resolve_image_run,
+    validate_config,
 )
 from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# dest of a flag -> (config section, key). Only these flags end up in the resolved config.
-FLAG_TO_CONFIG = {
-    "dataset": ("dataset", "name"),
-    "root": ("dataset", "root"),
-    "image_size": ("dataset", "resolution"),
-    "channels": ("dataset", "channels"),
-    "resize_mode": ("dataset", "resize_mode"),
-    "strict_images": ("dataset", "strict_images"),
-    "random_flip": ("dataset", "random_flip"),
-    "download": ("dataset", "download"),
-    "num_workers": ("dataset", "num_workers"),
-    "split": ("dataset", "split"),
-    "timesteps": ("diffusion", "timesteps"),
-    "beta_schedule": ("diffusion", "beta_schedule"),
-    "beta_start": ("diffusion", "beta_start"),
-    "beta_end": ("diffusion", "beta_end"),
-    "model_mean_type": ("diffusion", "model_mean_type"),
-    "model_var_type": ("diffusion", "model_var_type"),
-    "loss_type": ("diffusion", "loss_type"),
-    "loss_weight": ("diffusion", "loss_weight"),
-    "min_snr_gamma": ("diffusion", "min_snr_gamma"),
-    "zero_terminal_snr": ("diffusion", "zero_terminal_snr"),
-    "block_size": ("model", "block_size"),
-    "hid_channels": ("model", "hid_channels"),
-    "ch_multipliers": ("model", "ch_multipliers"),
-    "num_res_blocks": ("model", "num_res_blocks"),
-    "apply_attn": ("model", "apply_attn"),
-    "drop_rate": ("model", "drop_rate"),
-    "group_norm_eps": ("model", "group_norm_eps"),
-    "epochs": ("train", "epochs"),
-    "max_steps": ("train", "max_steps"),
-    "lr": ("train", "lr"),
-    "beta1": ("train", "beta1"),
-    "beta2": ("train", "beta2"),
-    "weight_decay": ("train", "weight_decay"),
-    "batch_size": ("train", "batch_size"),
-    "num_accum": ("train", "num_accum"),
-    "grad_norm": ("train", "grad_norm"),
-    "warmup": ("train", "warmup"),
-    "use_ema": ("train", "use_ema"),
-    "ema_decay": ("train", "ema_decay"),
-    "image_intv": ("train", "image_intv"),
-    "num_samples": ("train", "num_samples"),
-    "chkpt_intv": ("train", "chkpt_intv"),
-    "chkpt_every_minutes": ("train", "chkpt_every_minutes"),
-    "chkpt_every_steps": ("train", "chkpt_every_steps"),
-    "log_intv": ("train", "log_intv"),
-    "seed": ("train", "seed"),
-    "precision": ("train", "precision"),
-    "channels_last": ("train", "channels_last"),
-    "compile": ("train", "compile"),
-    "class_cond": ("train", "class_cond"),
-    "class_dropout": ("train", "class_dropout"),
-    "guidance_scale": ("eval", "guidance_scale"),
-    "eval": ("eval", "enabled"),
-    "eval_intv": ("eval", "intv"),
-    "eval_total_size": ("eval", "total_size"),
-    "eval_batch_size": ("eval", "batch_size"),
-    "use_ddim": ("eval", "use_ddim"),
-    "sampler": ("eval", "sampler"),
-    "skip_schedule": ("eval", "skip_schedule"),
-    "subseq_size": ("eval", "subseq_size"),
-}
+# dest of a flag -> (config section, key): the resolver's option names are the flags' dests.
+FLAG_TO_CONFIG = OPTION_KEYS
 
 
 def _int_list(text: str) -> List[int]:
@@ -335,101 +274,11 @@ def _annotate_config_defaults(p: argparse.ArgumentParser) -> None:
                 f"configs/<dataset>.json sets: {listed}"
 
 
-# ---- config resolution --------------------------------------------------------------------
-def _config_name(args: argparse.Namespace) -> str:
-    """The shipped config to read when no --config-path is given (folder: by image size)."""
-    name = args.dataset or "cifar10"
-    if name != "folder" or args.config_path:
-        return name
-    if not args.image_size:
-        raise UserError("--dataset folder needs --image-size S or H,W (and optionally "
-                        "--config-path FILE for the network)")
-    height, width = schema.size_hw(args.image_size)
-    by_size = {32: "cifar10", 64: "celeba", 256: "celebahq"}  # by the longer side
-    if max(height, width) not in by_size:
-        raise UserError(f"no shipped config for {height}x{width} images (shipped: longer side "
-                        "32, 64 or 256): pass --config-path FILE (see configs/ for the schema)")
-    return by_size[max(height, width)]
-
-
-def _file_config(args: argparse.Namespace) -> Dict[str, Any]:
-    """The JSON config for the run, normalized and checked against the schema."""
-    path = find_config_file(_config_name(args), args.config_path, args.config_dir)
-    source = f"config file {path}"
-    cfg = schema.check(schema.normalize(load_json(path)), source)
-    cfg["config_file"] = os.path.abspath(path)
-    return cfg
-
-
-def _typed_flags(args: argparse.Namespace, typed: Set[str]) -> Dict[str, Dict[str, Any]]:
-    """The flags the user typed, as config sections, each checked against the schema."""
-    out: Dict[str, Dict[str, Any]] = {}
-    for dest in sorted(typed):
-        if dest in FLAG_TO_CONFIG:
-            section, key = FLAG_TO_CONFIG[dest]
-            flag = "--" + dest.replace("_", "-")
-            value = schema.check_value(section, key, getattr(args, dest), source="",
-                                       label=flag)
-            out.setdefault(section, {})[key] = value
-    return out
-
-
+# ---- config resolution (in `ddpmkit.config.resolve`: plain values, no Namespace) ---------
 def resolve_config(args: argparse.Namespace, typed: Set[str],
                    parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, Any]:
-    """defaults < JSON < typed flags, as one nested dict (stored in every checkpoint)."""
-    file_cfg = _file_config(args)
-    file_dataset = file_cfg.get("dataset", {}).get("name")
-    dataset = args.dataset or file_dataset or "cifar10"
-    if args.dataset and file_dataset and file_dataset != args.dataset \
-            and args.dataset != "folder":
-        logger.warning("--dataset %s overrides the config file's dataset %s", args.dataset,
-                       file_dataset)
-    config = deep_update(deep_update(schema.defaults(), file_cfg), _typed_flags(args, typed))
-    config["dataset"]["name"] = dataset
-    if dataset == "folder":
-        if file_dataset != "folder" and "channels" not in typed:
-            # The file's image channels are another dataset's: the folder decides.
-            config["dataset"]["channels"] = None
-            config["model"].pop("in_channels", None)
-        config["dataset"]["resolution"] = schema.check_value("dataset", "resolution",
-                                                             args.image_size, "", "--image-size")
-    config["eval"].setdefault("intv", None)
-    if config["eval"]["intv"] is None:
-        config["eval"]["intv"] = config["train"]["chkpt_intv"] or None
-    config["run"] = {
-        "exp_name": args.exp_name or dataset,
-        "chkpt_name": args.chkpt_name or f"ddpm_{dataset}",
-        "image_dir": args.image_dir,
-        "chkpt_dir": args.chkpt_dir,
-    }
-    return config
-
-
-def validate_config(config: Dict[str, Any]) -> None:
-    """Checks that involve more than one key (each key alone was checked by the schema)."""
-    train = config["train"]
-    missing = [k for k in schema.MODEL_REQUIRED if k not in config.get("model", {})]
-    if missing:
-        raise UserError(f"the config names no {', '.join(missing)} for the network (section "
-                        f"\"model\" of {config.get('config_file')})")
-    if train["batch_size"] % train["num_accum"]:
-        raise UserError(f"--batch-size {train['batch_size']} must be divisible by --num-accum "
-                        f"{train['num_accum']}")
-    if config["dataset"]["name"] == "folder" and not config["dataset"].get("resolution"):
-        raise UserError("--dataset folder needs --image-size S or H,W")
-    schema.eval_sampler_name(config["eval"])
-
-
-def check_class_flags(config: Dict[str, Any], typed: Set[str]) -> None:
-    """The class-conditioning flags mean nothing without --class-cond: typed alone, they are
-    refused rather than ignored."""
-    if config["train"].get("class_cond"):
-        return
-    given = [f"--{d.replace('_', '-')}" for d in ("class_dropout", "guidance_scale") if d in typed]
-    if given:
-        verb = "apply" if len(given) > 1 else "applies"
-        raise UserError(f"{' and '.join(given)} {verb} to class-conditional runs: add "
-                        "--class-cond")
+    """defaults < JSON < typed flags, as one nested dict (dataset facts not yet completed)."""
+    return resolve_image_dict(vars(args), typed)
 
 
 def launch_options(args: argparse.Namespace) -> Dict[str, Any]:
@@ -455,10 +304,9 @@ def run(args: argparse.Namespace, typed: Set[str], parser: argparse.ArgumentPars
     options = launch_options(args)
     if args.num_gpus < 1:
         raise UserError(f"--num-gpus must be at least 1, got {args.num_gpus}")
-    config = resolve_config(args, typed, parser)
-    validate_config(config)
-    check_class_flags(config, typed)
-    from ddpmkit.training.images import launch
+    resuming = bool(args.resume or args.auto_resume or elastic_restart())
+    config = resolve_image_run(vars(args), typed, resuming=resuming)
+    from ddpmkit.recipes.image import launch
 
     return launch(config, options)
 

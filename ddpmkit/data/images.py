@@ -32,6 +32,7 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from ddpmkit.choices import IMAGE_DATASETS
+from ddpmkit.config.schema import size_hw
 from ddpmkit.data.folder import IMAGE_EXTENSIONS, build_index
 from ddpmkit.data.loaders import (  # noqa: F401  (build_loader, default_num_workers: this API)
     available_cpus,
@@ -59,7 +60,6 @@ from ddpmkit.data.sources import (  # noqa: F401  (folder_channels: part of this
     mnist_file,
 )
 from ddpmkit.errors import UserError
-from ddpmkit.schema import size_hw
 
 logger = logging.getLogger(__name__)
 

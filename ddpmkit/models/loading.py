@@ -127,22 +127,20 @@ def checkpoint_config(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Accept the reference project's config files as well as ours: its `dataset` is a bare
-    name and (in later versions) the network section is called `denoise`."""
-    config = dict(config)
-    if "model" not in config and isinstance(config.get("denoise"), Mapping):
-        config["model"] = dict(config.pop("denoise"))
-    if isinstance(config.get("dataset"), str):
-        config["dataset"] = {"name": config["dataset"]}
+    """A checkpoint's or file's config in ddpmkit's layout (`schema.normalize`: the reference
+    project's bare dataset name, `denoise` section, ...), which must describe a network."""
+    from ddpmkit.config.schema import normalize
+
+    config = normalize(config)
     if not isinstance(config.get("model"), Mapping):
         raise UserError("the config has no \"model\" section describing the network")
-    return config
+    return {**config, "model": dict(config["model"])}
 
 
 def image_shape(config: Mapping[str, Any]) -> tuple[int, int, int]:
     """(C, H, W) of the images a config's network makes."""
+    from ddpmkit.config.schema import size_hw
     from ddpmkit.data.images import dataset_info
-    from ddpmkit.schema import size_hw
 
     data = config.get("dataset") or {}
     channels = config["model"].get("in_channels") or data.get("channels")

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ddpmkit import schema
+from ddpmkit.config import schema
 from ddpmkit.runtime.devices import resolve_device
 from ddpmkit.training.trainer import Callback, Trainer
 
@@ -76,7 +76,7 @@ class FIDCallback(Callback):
         def batches():
             for first in range(0, len(mine), self.batch):
                 idx = mine[first:first + self.batch]
-                with trainer._autocast():
+                with trainer.autocast():
                     x = sample_indexed(self.diffusion, net, sampler, idx, self.shape,
                                        EVAL_SEED, trainer.device)
                 yield quantize(x)

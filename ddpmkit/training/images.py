@@ -1,9 +1,6 @@
-"""Image training: dataset -> UNet -> Trainer, on one process or many (DDP).
-
-`launch(config, options)` is what `ddpmkit train` calls with the resolved config and the launch
-options (devices, resume, overwrite, ...: plain values). It runs one process, spawns
-`--num-gpus` processes (`--distributed --rigid-launch`), or joins the process group torchrun set
-up (also after an elastic restart, which resumes from the newest checkpoint).
+"""The parts of image training: the trainer's global draws (`ImageTrainer`), sample grids
+(`SampleGrid`), a folder run's image list (`ImageListFile`), and the dataset facts checked
+against the network. The run itself is `recipes.image.launch`.
 
 Batches are split the same way whatever the number of processes: the global batch of an update
 is a contiguous slice of the epoch's permutation (DistributedSampler with one replica per
@@ -14,32 +11,19 @@ processes with global batch B compute the same update as one process with B (up 
 summation order and dropout, whose RNG is per process).
 """
 
-import json
 import logging
 import os
 from typing import Any, Dict, List, Optional
 
 import torch
-from torch.utils.data import DistributedSampler
 
-from ddpmkit import schema
-from ddpmkit.build import build_diffusion
-from ddpmkit.errors import UserError, signal_name
-from ddpmkit.runtime import distributed as dist_utils
-from ddpmkit.runtime.devices import autocast_dtype, compile_mode, compile_module, resolve_precision
-from ddpmkit.runtime.stops import StopFlag, exit_code
-from ddpmkit.schema import size_hw
-from ddpmkit.training.run_folder import RunFolder
+from ddpmkit.config import facts
+from ddpmkit.config.facts import IMAGE_LIST_NAME, read_image_list  # noqa: F401 (old place)
+from ddpmkit.config.schema import size_hw
 from ddpmkit.training.trainer import Callback, Trainer
-from ddpmkit.utils.io import check_writable_folder
 
 logger = logging.getLogger(__name__)
 
-# Seeds derived from the run seed, kept apart so no two streams coincide.
-LOADER_SEED_OFFSET = 1
-GRID_SEED_OFFSET = 2
-# A folder run's image list, in its checkpoint folder: a resumed run reads exactly these files.
-IMAGE_LIST_NAME = "images.txt"
 
 
 class ImageTrainer(Trainer):
@@ -86,7 +70,7 @@ class ImageTrainer(Trainer):
         y = None
         if self.labels is not None:
             y = self.drop_labels(self.labels, self._draws["drop"][s])
-        with self._autocast():
+        with self.autocast():
             losses = self.diffusion.training_losses(self.denoiser(y), x_0, t, noise)
         return losses.float().mean()
 
@@ -135,7 +119,7 @@ class SampleGrid(Callback):
         sampler = make_sampler(self.diffusion, self.sampler_name, steps=self.steps,
                                skip_schedule=self.skip_schedule)
         try:
-            with trainer._autocast():
+            with trainer.autocast():
                 x_0 = sample(self.diffusion, denoiser(model, trainer.device), sampler, x_T,
                              generator=torch.Generator(device=trainer.device).manual_seed(
                                  self.seed))
@@ -152,170 +136,15 @@ class SampleGrid(Callback):
             self.save(trainer, f"{trainer.epoch}")
 
 
-def run_dirs(config: Dict[str, Any]) -> Dict[str, str]:
-    run = config["run"]
-    return {
-        "chkpt": os.path.join(os.path.expanduser(run["chkpt_dir"]), run["exp_name"]),
-        "images": os.path.join(os.path.expanduser(run["image_dir"]), run["exp_name"]),
-    }
-
-
-def _architecture(config: Dict[str, Any]) -> Dict[str, Any]:
-    """The parts of a config a checkpoint's weights and optimizer depend on."""
-    return {"model": config.get("model"),
-            "diffusion": {k: config.get("diffusion", {}).get(k)
-                          for k in ("model_var_type", "timesteps")}}
-
-
-def _check_same_architecture(state: Dict[str, Any], config: Dict[str, Any], path: str) -> None:
-    saved = state.get("config")
-    if not isinstance(saved, dict):
-        return  # not ours: the weight loader reports any mismatch
-    old, new = _architecture(saved), _architecture(config)
-    if old != new:
-        diffs = [f"{sec}.{k}: checkpoint {old[sec].get(k)!r} vs now {new[sec].get(k)!r}"
-                 for sec in old for k in sorted(set(old[sec] or {}) | set(new[sec] or {}))
-                 if (old[sec] or {}).get(k) != (new[sec] or {}).get(k)]
-        raise UserError(f"checkpoint {path} was trained with a different config ("
-                        f"{'; '.join(diffs[:4])}); resume with the same config and flags")
-
-
 def complete_dataset_facts(config: Dict[str, Any],
                            run_images: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Resolution and channels belong to the dataset: fill them in (and the network's input
-    channels) from the dataset registry where the config file does not give them, as the
-    reference project's files do not. `run_images`: a resumed folder run's image list (its
-    channels are decided from those files)."""
-    from ddpmkit.data.images import DATASETS, dataset_info
+    """`config.facts.complete_dataset_facts` (in place), then the network checked against
+    the image size."""
     from ddpmkit.models.unet import check_image_size
 
-    ds, model = config["dataset"], config["model"]
-    channels, resolution = dataset_info(ds["name"], ds.get("resolution"))
-    ds["resolution"] = resolution
-    if ds["name"] == "folder":
-        ds["channels"] = _folder_channels(ds, run_images)
-    elif ds.get("channels") not in (None, channels):
-        raise UserError(f"{ds['name']} images have {channels} channel(s); --channels "
-                        f"{ds['channels']} is for --dataset folder")
-    elif len(set(size_hw(resolution))) > 1:
-        raise UserError(f"{ds['name']} images are square: pass one --image-size (H,W sizes are "
-                        "for --dataset folder)")
-    ds["channels"] = int(ds.get("channels") or channels)
-    check_image_size(model, *size_hw(resolution))
-    if ds.get("random_flip") is None:
-        ds["random_flip"] = DATASETS[ds["name"]].random_flip
-    model.setdefault("in_channels", ds["channels"])
-    if model["in_channels"] != ds["channels"]:
-        raise UserError(f"the config's model.in_channels ({model['in_channels']}) does not match "
-                        f"the {ds['name']} images' {ds['channels']} channel(s)")
-    _complete_classes(config)
+    config = facts.complete_dataset_facts(config, run_images)
+    check_image_size(config["model"], *size_hw(config["dataset"]["resolution"]))
     return config
-
-
-def _folder_channels(ds: Dict[str, Any], run_images: Optional[List[str]]) -> int:
-    """A folder's channels (--channels, else decided from its images), its undecodable files
-    named (or refused with strict_images) once, here, by the main process."""
-    from ddpmkit.data.folder import build_index, report_bad_files
-    from ddpmkit.data.images import available_cpus, folder_channels
-
-    root = os.path.abspath(os.path.expanduser(str(ds["root"])))
-    if not os.path.isdir(root):
-        raise UserError(f"image folder {root} does not exist; pass --root pointing at a folder "
-                        "of images")
-    index = build_index(root, workers=available_cpus())
-    if dist_utils.env_dist_info().is_main or ds.get("strict_images"):
-        report_bad_files(index, bool(ds.get("strict_images")))
-    return folder_channels(index, ds.get("channels"), run_images)
-
-
-def read_image_list(folder: str) -> Optional[List[str]]:
-    """The image list a folder run wrote into its checkpoint folder (None if there is none)."""
-    path = os.path.join(folder, IMAGE_LIST_NAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
-
-
-def _complete_classes(config: Dict[str, Any]) -> None:
-    """A class-conditional run (train.class_cond) takes its classes from the dataset:
-    model.num_classes and dataset.class_names are filled in (and must agree if given)."""
-    from ddpmkit.data.images import dataset_classes
-
-    ds, model = config["dataset"], config["model"]
-    if not config["train"].get("class_cond"):
-        if model.get("num_classes"):
-            raise UserError(f"the config's model.num_classes ({model['num_classes']}) makes a "
-                            "class-conditional network: add --class-cond (train.class_cond), "
-                            "or remove the key")
-        model.pop("num_classes", None)
-        return
-    names = dataset_classes(ds["name"], ds["root"])
-    if model.get("num_classes") not in (None, len(names)):
-        raise UserError(f"the config's model.num_classes ({model['num_classes']}) does not match "
-                        f"the {len(names)} classes of {ds['name']}")
-    if ds.get("class_names") not in (None, names):
-        raise UserError(f"the config's dataset.class_names do not match the classes of "
-                        f"{ds['name']} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
-    model["num_classes"], ds["class_names"] = len(names), names
-
-
-def _elastic_restart() -> bool:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-
-
-# float32 copies of the parameters in a checkpoint: the weights and Adam's two moments, plus
-# the EMA weights when kept.
-_COPIES_WITHOUT_EMA = 3
-
-
-def checkpoint_bytes(config: Dict[str, Any]) -> int:
-    """About how many bytes one checkpoint of this run takes (counted on a network built on
-    the meta device: no memory, no time, and the RNG left as it was)."""
-    from ddpmkit.models import build_model
-
-    diffusion = build_diffusion(config["diffusion"], decoder="discretized")
-    out_channels = diffusion.model_out_channels(config["dataset"]["channels"])
-    rng = torch.get_rng_state()
-    try:
-        with torch.device("meta"):
-            model = build_model(config["model"], out_channels)
-    finally:
-        torch.set_rng_state(rng)
-    copies = _COPIES_WITHOUT_EMA + (1 if config["train"].get("use_ema") else 0)
-    return copies * 4 * sum(p.numel() for p in model.parameters())
-
-
-def prepare_run(config: Dict[str, Any], options: Dict[str, Any]) -> RunFolder:
-    """The run folder, checked before any work: writable, and resumable or free (see
-    `RunFolder`); loads the resume state (into `folder.resumed`)."""
-    dirs = run_dirs(config)
-    folder = RunFolder(dirs["chkpt"], config["run"]["chkpt_name"], config, dirs["images"])
-    folder.preflight(checkpoint_bytes(config))
-    precomputed = os.path.expanduser(options.get("precomputed_dir") or "")
-    if (config.get("eval") or {}).get("enabled") and precomputed \
-            and not os.path.isdir(precomputed):  # FID's reference statistics are cached there
-        check_writable_folder(precomputed, "--precomputed-dir")
-    restarted = _elastic_restart()
-    if restarted and options.get("overwrite") and not folder.holds_config(config):
-        # The first attempt died before it replaced the old run: replace it now.
-        folder.check_new_run(overwrite=True)
-        return folder
-    folder.prepare(bool(options.get("resume")), options.get("chkpt_path"),
-                   bool(options.get("overwrite")),
-                   lambda state, path: _check_same_architecture(state, config, path),
-                   auto_resume=bool(options.get("auto_resume")) or restarted)
-    return folder
-
-
-def _folder_options(ds: Dict[str, Any], folder: RunFolder):
-    """How a folder run reads its images; a resumed run keeps the files it started with."""
-    from ddpmkit.data.images import FolderOptions
-
-    if ds["name"] != "folder":
-        return None
-    files = read_image_list(folder.folder) if folder.resumed is not None else None
-    return FolderOptions.from_config(ds, files, report=False)
 
 
 class ImageListFile(Callback):
@@ -331,183 +160,3 @@ class ImageListFile(Callback):
         if trainer.is_main:
             text = "".join(f"{name}\n" for name in self.files)
             atomic_write_bytes(os.path.join(self.folder, IMAGE_LIST_NAME), text.encode())
-
-
-def _build_data(config: Dict[str, Any], options: Dict[str, Any], info, device, folder):
-    """(loader, micro-batch) for this process: a DistributedSampler over the whole dataset."""
-    from ddpmkit.data.images import DATASETS, build_dataset, build_loader, default_num_workers
-
-    tr, ds = config["train"], config["dataset"]
-    seed = int(tr["seed"])
-    micro = dist_utils.micro_batch_size(int(tr["batch_size"]), info.world_size,
-                                        int(tr["num_accum"]))
-    split = ds.get("split") or DATASETS[ds["name"]].train_split
-    # Flips are drawn by the trainer (see ImageTrainer), so the dataset yields unflipped images.
-    dataset = build_dataset(ds["name"], ds["root"], split=split, image_size=ds["resolution"],
-                            download=bool(ds.get("download")), random_flip=False,
-                            folder=_folder_options(ds, folder))
-    if len(dataset) < micro * info.world_size:
-        raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "
-                        f"({micro * info.world_size}); lower --batch-size")
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                 shuffle=True, seed=seed, drop_last=True)
-    loader_gen = torch.Generator().manual_seed(seed + LOADER_SEED_OFFSET)
-    workers = ds.get("num_workers")
-    workers = default_num_workers() if workers is None else int(workers)
-    loader = build_loader(dataset, micro, shuffle=False, num_workers=workers, device=device,
-                          drop_last=True, sampler=sampler, generator=loader_gen)
-    if len(loader) < int(tr["num_accum"]):
-        raise UserError("an epoch has fewer micro-batches than --num-accum; lower --batch-size")
-    return loader, micro, len(dataset)
-
-
-def _build_model(config: Dict[str, Any], info, device):
-    """(diffusion, model, the network to train: DDP-wrapped and compiled as asked)."""
-    from ddpmkit.models import build_model
-
-    tr, ds = config["train"], config["dataset"]
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
-    diffusion = build_diffusion(config["diffusion"], decoder="discretized")
-    model = build_model(config["model"], diffusion.model_out_channels(ds["channels"])).to(device)
-    # Off by default: on an H100 (torch 2.11, cuDNN 9.19) this UNet trained and sampled slower
-    # in channels_last (README, performance section; the cause was not profiled).
-    if tr.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-    net = model
-    if info.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    return diffusion, model, compile_module(net, compile_mode(tr.get("compile")))
-
-
-def _callbacks(config, options, diffusion, device, folder: RunFolder,
-               loader) -> List[Callback]:
-    tr, ds, ev = config["train"], config["dataset"], schema.section_with_defaults(config, "eval")
-    shape = (ds["channels"], *size_hw(ds["resolution"]))
-    grid = SampleGrid(diffusion, shape, run_dirs(config)["images"], every=int(tr["image_intv"]),
-                      num=int(tr["num_samples"]), seed=int(tr["seed"]) + GRID_SEED_OFFSET,
-                      sampler_name=schema.eval_sampler_name(ev),
-                      steps=int(ev.get("subseq_size") or 0) or None,
-                      skip_schedule=ev["skip_schedule"], guidance_scale=float(ev["guidance_scale"]))
-    callbacks: List[Callback] = [folder, grid]
-    if ds["name"] == "folder":
-        callbacks.append(ImageListFile(folder.folder, [str(f) for f in loader.dataset.files]))
-    if ev.get("enabled"):
-        from ddpmkit.training.eval_callback import FIDCallback
-
-        callbacks.append(FIDCallback(config, diffusion, shape, device,
-                                     inception_weights=options.get("inception_weights"),
-                                     precomputed_dir=options.get("precomputed_dir"),
-                                     eval_device=options.get("eval_device")))
-    return callbacks
-
-
-def _build_trainer(config, options, info, device, loader, micro, diffusion, model, net,
-                   folder: RunFolder, stop: StopFlag) -> ImageTrainer:
-    tr = config["train"]
-    weight_decay = float(tr.get("weight_decay", 0.0))
-    return ImageTrainer(
-        net, diffusion, loader, epochs=int(tr["epochs"]), lr=float(tr["lr"]),
-        betas=(float(tr["beta1"]), float(tr["beta2"])), weight_decay=weight_decay,
-        optimizer="adamw" if weight_decay > 0 else "adam",
-        # Fused Adam: one kernel for all parameters on CUDA; on the CPU 1.06-1.13x faster steps
-        # than the per-parameter loop (CIFAR-10 UNet, batch 8, bf16, one thread).
-        fused=True,
-        warmup_steps=int(tr["warmup"]), grad_clip=float(tr.get("grad_norm") or 0.0),
-        num_accum=int(tr["num_accum"]),
-        ema_decay=float(tr["ema_decay"]) if tr.get("use_ema") else None,
-        device=device, seed=int(tr["seed"]), chkpt_dir=folder.folder,
-        chkpt_prefix=config["run"]["chkpt_name"], chkpt_intv=int(tr["chkpt_intv"]),
-        chkpt_intv_steps=int(tr.get("chkpt_every_steps") or 0),
-        chkpt_every_minutes=float(tr.get("chkpt_every_minutes") or 0.0), save_final=True,
-        log_path=folder.log_path, log_every=int(tr["log_intv"]),
-        tensorboard_dir=folder.tensorboard_dir, progress=True,
-        callbacks=_callbacks(config, options, diffusion, device, folder, loader),
-        config=config,
-        is_main=info.is_main, rank=info.rank, world_size=info.world_size,
-        control_group=dist_utils.control_group(), stop=stop,
-        amp_dtype=autocast_dtype(tr.get("precision") or "fp32"),
-        throughput_key="img_per_s", random_flip=bool(config["dataset"]["random_flip"]),
-        global_batch=int(tr["batch_size"]), micro_batch=micro,
-        channels_last=bool(tr.get("channels_last")),
-        class_dropout=float(tr.get("class_dropout", 0.0)) if tr.get("class_cond") else 0.0)
-
-
-def train_worker(config: Dict[str, Any], options: Dict[str, Any]) -> int:
-    """One training process (of one, of torchrun's, or of the spawned ones); returns the exit
-    status (0, or 128 + the signal that stopped it)."""
-    info = dist_utils.env_dist_info()
-    device = dist_utils.process_device(options.get("train_device", "auto"), info)
-    with StopFlag(announce=info.is_main) as stop:
-        dist_utils.init_process_group(info, device)
-        try:
-            code = _train(config, options, info, device, stop)
-            # Leave together: rank 0 may still be writing the last checkpoint, and a process
-            # that tears down its process group while another still uses it can abort.
-            dist_utils.barrier()
-            return code
-        finally:
-            dist_utils.destroy_process_group()
-
-
-def _train(config, options, info, device, stop: StopFlag) -> int:
-    tr = config["train"]
-    precision = resolve_precision(tr.get("precision"), device)
-    tr["precision"] = precision.name  # the run's config records what was used
-    if info.is_main:
-        logger.info("precision %s (%s)", precision.name, precision.reason)
-    torch.manual_seed(int(tr["seed"]) + info.rank)  # model init (overwritten on resume), dropout
-    folder = prepare_run(config, options)
-    loader, micro, num_images = _build_data(config, options, info, device, folder)
-    diffusion, model, net = _build_model(config, info, device)
-    if info.is_main:
-        logger.info("resolved config:\n%s", json.dumps(config, indent=2, sort_keys=True))
-        logger.info("%s: %d images, an epoch is %d updates of %d, model %.2fM parameters, "
-                    "%d process(es), micro-batch %d, device %s", config["dataset"]["name"],
-                    num_images, len(loader) // int(tr["num_accum"]), int(tr["batch_size"]),
-                    sum(p.numel() for p in model.parameters()) / 1e6, info.world_size, micro,
-                    device)
-    trainer = _build_trainer(config, options, info, device, loader, micro, diffusion, model,
-                             net, folder, stop)
-    if folder.resumed is not None:
-        trainer.load_state_dict(folder.resumed.state)
-        trainer.last_checkpoint = folder.resumed.path
-        if info.is_main:
-            logger.info("resumed from %s (epoch %d, step %d)", folder.resumed.path,
-                        trainer.epoch, trainer.step)
-        folder.resumed.state = {"step": trainer.step}  # free the loaded tensors
-    max_steps = 1 if options.get("dry_run") else tr.get("max_steps")
-    result = trainer.fit(max_steps=max_steps)
-    return _finish(trainer, result, options, max_steps, info)
-
-
-def _finish(trainer: ImageTrainer, result, options, max_steps, info) -> int:
-    grid = next(cb for cb in trainer.callbacks if isinstance(cb, SampleGrid))
-    if result["stopped"] is not None:
-        if info.is_main:
-            logger.warning("stopped by %s at step %d; the state is in %s: continue with "
-                           "--resume", signal_name(result["stopped"]), trainer.step,
-                           trainer.last_checkpoint)
-        return exit_code(result["stopped"])
-    if options.get("dry_run") or (max_steps is not None and trainer.step >= max_steps):
-        grid.save(trainer, f"step{trainer.step}")  # the final checkpoint is saved by fit()
-    if info.is_main:
-        logger.info("done: %d steps, %d epochs, last loss %s, checkpoint %s", result["step"],
-                    result["epoch"], result["loss"], trainer.last_checkpoint)
-    return 0
-
-
-def launch(config: Dict[str, Any], options: Dict[str, Any]) -> int:
-    """Run training in this process, under torchrun, or in spawned processes (the reference's
-    `--distributed --rigid-launch --num-gpus N`); returns the exit status."""
-    resuming = options.get("resume") or options.get("auto_resume") or _elastic_restart()
-    run_images = read_image_list(run_dirs(config)["chkpt"]) if resuming else None
-    config = complete_dataset_facts(config, run_images)
-    if options.get("distributed") and options.get("rigid_launch") \
-            and not dist_utils.launched_by_torchrun():
-        n = int(options.get("num_gpus", 1))
-        dist_utils.check_spawn_devices(n, options.get("train_device", "auto"), "--train-device")
-        codes = dist_utils.spawn(train_worker, n, (config, options))
-        return max(codes, default=0)
-    return train_worker(config, options)

@@ -152,7 +152,7 @@ class RunFolder(Callback):
                 if os.path.exists(path):
                     os.replace(path, path + DAMAGED_SUFFIX)
                     logger.warning("set %s aside as %s", path, path + DAMAGED_SUFFIX)
-            dropped = trainer.runlog.truncate_after(self.resumed.state["step"])
+            dropped = trainer.truncate_log_after(self.resumed.state["step"])
             if dropped:
                 logger.info("log.jsonl: dropped %d record(s) after step %d, which this run "
                             "redoes", dropped, self.resumed.state["step"])

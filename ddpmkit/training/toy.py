@@ -1,21 +1,20 @@
-"""The toy experiment's library half: the 2-D diffusion model, its training run, and the
-evaluation that samples, scores (2-D histogram KL against the estimator's floor; for the
-Gaussian mixtures, modes covered and the share of points within 3 std of a mode) and plots it.
+"""The toy experiment's parts: the 2-D diffusion model, its evaluation that samples, scores
+(2-D histogram KL against the estimator's floor; for the Gaussian mixtures, modes covered and
+the share of points within 3 std of a mode) and plots it, and loading a trained toy model.
 
 With `class_cond` the network is class-conditional on the mixture's mode index (gaussian8,
 gaussian25), trained with label dropout `class_dropout`, and every evaluation asks for the
 modes in turn (point i: mode i mod K) with guidance scale `guidance_scale`, reporting also the
 share of points within 3 std of the mode asked for.
 
-`ddpmkit train-toy` parses flags into a plain config dict `c` (flag names as keys) and calls
-`train_toy(c)`. Files (in `c["chkpt_dir"]` and `<image_dir>/<dataset>`) are written only once
-the first update succeeded, as for image training (`RunFolder`).
+`ddpmkit train-toy` parses flags into a `ToyRunConfig` (flag names as fields) and calls
+`recipes.toy.train_toy`, which uses these parts; they read the run's flat dict `c`
+(`ToyRunConfig.to_dict()`).
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import re
@@ -26,16 +25,12 @@ import torch
 
 from ddpmkit.checkpoints.files import load_checkpoint
 from ddpmkit.data.toy import (
-    TensorBatches,
-    make_labeled_toy_data,
     make_toy_data,
     toy_generator,
     toy_mixture,
 )
-from ddpmkit.errors import UserError, signal_name
-from ddpmkit.runtime.stops import StopFlag, exit_code
-from ddpmkit.training.run_folder import RunFolder
-from ddpmkit.training.trainer import Callback, Trainer
+from ddpmkit.errors import UserError
+from ddpmkit.training.trainer import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +53,7 @@ MUST_MATCH_ON_RESUME = ("dataset", "timesteps", "beta_schedule", "beta_start", "
 ADDED_LATER = {"class_cond": False, "class_dropout": 0.1, "guidance_scale": None,
                "loss_weight": "uniform", "min_snr_gamma": 5.0, "zero_terminal_snr": False}
 # The evaluation plots `epoch_NNNN.png` and animation `train.<fmt>` in the image folder.
-_TOY_IMAGE_RE = re.compile(r"^(epoch_\d+\.png|train\.(gif|webp))$")
+TOY_IMAGE_RE = re.compile(r"^(epoch_\d+\.png|train\.(gif|webp))$")
 
 
 def build_diffusion(c: dict[str, Any]):
@@ -257,15 +252,6 @@ def guidance_curve(evaluation: ToyEvaluation, model: torch.nn.Module, scales, n:
     return rows
 
 
-def check_resume_config(saved: dict[str, Any], c: dict[str, Any], path: str) -> None:
-    saved = {**ADDED_LATER, **saved}
-    diffs = [f"--{k.replace('_', '-')} {saved[k]} (now {c[k]})" for k in MUST_MATCH_ON_RESUME
-             if k in saved and saved[k] != c[k]]
-    if diffs:
-        raise UserError(f"checkpoint {path} was trained with {', '.join(diffs)}; pass the same "
-                        "settings to resume it")
-
-
 def write_animation(image_dir: str, fmt: str) -> str | None:
     from ddpmkit.utils.images import PLOT_FRAMES, save_animation
 
@@ -278,93 +264,3 @@ def write_animation(image_dir: str, fmt: str) -> str | None:
     except (ValueError, OSError) as exc:
         raise UserError(f"could not write the animation {path}: {exc}") from exc
     return path
-
-
-def prepare_folder(c: dict[str, Any], image_dir: str) -> RunFolder:
-    """The run's files (checked, nothing written yet): the resume point, or a folder free of
-    saved progress, by the rules of `train` (`RunFolder.prepare`)."""
-    name = c["dataset"]
-    folder = RunFolder(c["chkpt_dir"], f"ddpm_{name}", c, image_dir,
-                       config_name=f"ddpm_{name}_config.json", log_name=f"ddpm_{name}_log.jsonl",
-                       image_pattern=_TOY_IMAGE_RE, elsewhere="another --chkpt-dir",
-                       start_fresh="run without --resume to start a new run")
-    folder.preflight()
-    folder.prepare(c["resume"], os.path.expanduser(c["chkpt_path"]) if c["chkpt_path"] else None,
-                   bool(c.get("overwrite")),
-                   lambda state, path: check_resume_config(state.get("config") or {}, c, path))
-    return folder
-
-
-def _build_trainer(c: dict[str, Any], device, folder: RunFolder, callback: ToyEvalCallback,
-                   stop: StopFlag) -> Trainer:
-    # Only the CLI seeds the global RNG (model initialization); everything else is explicit.
-    torch.manual_seed(c["seed"])
-    data, labels = make_labeled_toy_data(c["dataset"], c["size"], toy_generator(c["seed"]))
-    if num_classes(c) is None:
-        labels = None
-    # On the device once: batches are then gathered there, with no host-to-device copies.
-    batches = TensorBatches(data.to(device), c["batch_size"], seed=c["seed"],
-                            labels=None if labels is None else labels.to(device))
-    diffusion = callback.evaluation.diffusion
-    model = build_model(c, diffusion).to(device)
-    return Trainer(
-        model, diffusion, batches, epochs=c["epochs"], lr=c["lr"],
-        betas=(c["beta1"], c["beta2"]), warmup_steps=c["lr_warmup"] * len(batches),
-        lr_decay=c["lr_decay"], grad_clip=c["grad_clip"], ema_decay=c["ema_decay"] or None,
-        device=device, seed=c["seed"], chkpt_dir=folder.folder,
-        chkpt_prefix=folder.files.prefix, chkpt_intv=c["chkpt_intv"],
-        chkpt_every_minutes=c["chkpt_every_minutes"], save_final=True,
-        log_path=folder.log_path, log_every=c["log_every"], progress=not c["no_progress"],
-        callbacks=[folder, callback], config=c, stop=stop,
-        class_dropout=c.get("class_dropout", 0.0) if c.get("class_cond") else 0.0)
-
-
-def train_toy(c: dict[str, Any], report: Callable[[str], None] = logger.info) -> int:
-    """Train, evaluate and plot a toy model as `ddpmkit train-toy` does; returns the exit
-    status (0, or 128 + the signal that stopped it)."""
-    from ddpmkit.runtime.devices import resolve_device
-
-    t_start = time.perf_counter()
-    device = resolve_device(c["device"])
-    c["device_resolved"] = str(device)
-    c["chkpt_dir"] = os.path.expanduser(c["chkpt_dir"])
-    image_dir = os.path.join(os.path.expanduser(c["image_dir"]), c["dataset"])
-    folder = prepare_folder(c, image_dir)
-    report("config: " + json.dumps({k: c[k] for k in sorted(c)}))
-    evaluation = ToyEvaluation(c, build_diffusion(c), device, image_dir, report)
-    callback = ToyEvalCallback(evaluation, c)
-    with StopFlag() as stop:
-        trainer = _build_trainer(c, device, folder, callback, stop)
-        if folder.resumed is not None:
-            trainer.load_state_dict(folder.resumed.state)
-            trainer.last_checkpoint = folder.resumed.path
-            report(f"resumed from {folder.resumed.path} (epoch {trainer.epoch}, step "
-                   f"{trainer.step})")
-        n_params = sum(p.numel() for p in trainer.model.parameters())
-        report(f"{c['dataset']}: {c['size']:,} points, {trainer.batches_per_epoch} steps/epoch, "
-               f"model {n_params:,} parameters, {evaluation.diffusion}, device {device}")
-        t_train = time.perf_counter()
-        summary = trainer.fit()
-    if summary["stopped"] is not None:
-        report(f"stopped by {signal_name(summary['stopped'])} at step {summary['step']}; the "
-               f"state is in {trainer.last_checkpoint}: continue with --resume")
-        return exit_code(summary["stopped"])
-    _finish(c, image_dir, callback, summary, time.perf_counter() - t_train,
-            time.perf_counter() - t_start, report)
-    return 0
-
-
-def _finish(c, image_dir, callback, summary, train_s, total_s, report) -> None:
-    from ddpmkit.config import dump_json
-
-    anim = write_animation(image_dir, c["animation_format"])
-    final = callback.final
-    if final is not None:
-        result = {k: v for k, v in final.items() if k != "mode_counts"}
-        result.update({"train_s": round(train_s, 1), "total_s": round(total_s, 1),
-                       "steps": summary["step"], "final_loss": summary["loss"]})
-        dump_json(result, os.path.join(image_dir, "metrics.json"))
-        report(f"final: {format_metrics(final)}")
-    report(f"done: {summary['step']} steps, loss {summary['loss']}, wall time {total_s:.1f} s "
-           f"(training incl. evaluations {train_s:.1f} s); plots in {image_dir}"
-           + (f", animation {anim}" if anim else ""))

@@ -10,149 +10,42 @@ optional gradient clipping by global norm, the optimizer and LR scheduler steps,
 The loss is summed on the device and read back only at log intervals, epoch ends and saves,
 so the hot path has no host synchronisation.
 
-Exact resume: a checkpoint holds the model, EMA, optimizer, LR scheduler, step/epoch counters,
-the position inside the epoch (`batch_in_epoch`), the trainer's noise generator, the global
-RNG states and, for fp16, the loss scaler. The data source must give the same batch order for
-the same epoch (call `set_epoch(epoch)` on it; `ddpmkit.data.toy.TensorBatches` and
-`DistributedSampler` do), so a resumed run skips the batches already used and continues
-bit-identically on the CPU.
-
-Checkpoints (`CheckpointFiles`): permanent `<prefix>_<epoch>.pt` every `chkpt_intv` epochs;
-rolling `<prefix>_step<step>.pt` every `chkpt_every_minutes` minutes or `chkpt_intv_steps`
-updates, and whenever a run stops mid-epoch (the last two are kept). With a `StopFlag`, a
-SIGTERM or Ctrl-C ends `fit` after the current update with that state saved (`stopped` in the
-result). Every save involves every process (each one's RNG state goes into the file; the main
-process writes it, and all of them learn whether that worked), and so does the decision to
-stop or to save on the clock (`RunControl`), so processes never wait on each other in vain.
+The trainer's parts: the update (`updates.TrainerUpdates`, with fp16 loss scaling), logging
+(`meters.TrainerLog`), checkpoints and exact resume (`state.TrainerState`), the hooks
+(`callbacks.Callback`, a public interface) and the LR schedule and data positions (`steps`).
+With a `StopFlag`, a SIGTERM or Ctrl-C ends `fit` after the current update with the state saved
+(`stopped` in the result); the decision to stop or to save on the clock (`RunControl`) is taken
+by every process together, so processes never wait on each other in vain.
 
 Distributed runs pass the DDP-wrapped model; `unwrap` reaches the module underneath for
 checkpoints and EMA, `is_main` limits logging, progress bars and checkpoint writes to one
 process, and accumulation micro-steps skip the gradient all-reduce (`no_sync`).
-
-fp16 (`amp_dtype=torch.float16`): dynamic loss scaling (`torch.amp.GradScaler`, on CPUs too).
-The loss is multiplied by the scale S before backward and the gradients divided by S before
-clipping and the optimizer; an update whose gradients hold inf/NaN is skipped (weights and
-optimizer state untouched, S halved) and counted (`skipped_steps` in the log), while the step
-counter, LR schedule and EMA advance as for any update, so the schedule stays a function of the
-data seen. A skipped update's losses stay out of the logged mean. S doubles after
-`growth_interval` clean updates. A run whose updates are skipped `MAX_SKIPS_IN_A_ROW` times in
-a row has diverged (no scale helps) and stops like a NaN loss does. Weights, EMA and optimizer
-state stay float32. Knowing whether an update was skipped costs one host sync per update.
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
-import os
 import time
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Callable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from ddpmkit.checkpoints.files import (
-    CheckpointFiles,
-    get_rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from ddpmkit.checkpoints.files import CheckpointFiles
 from ddpmkit.choices import LR_DECAYS, OPTIMIZERS
 from ddpmkit.errors import UserError
 from ddpmkit.runtime.stops import RunControl, StopFlag
+from ddpmkit.training.callbacks import Callback, make_callback  # noqa: F401 (public names)
 from ddpmkit.training.ema import EMA
+from ddpmkit.training.meters import NonFiniteLossError, TrainerLog  # noqa: F401
 from ddpmkit.training.runlog import RunLog
+from ddpmkit.training.state import CHECKPOINT_KIND, FollowerStop, TrainerState  # noqa: F401
+from ddpmkit.training.steps import iter_from, lr_factor, set_epoch, unwrap  # noqa: F401
+from ddpmkit.training.updates import MAX_SKIPS_IN_A_ROW, TrainerUpdates  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_KIND = "ddpmkit.trainer"
-# fp16: halving the scale this many times in a row takes torch's default initial scale 2^16
-# below 2^-14, fp16's smallest normal number; gradients that still overflow are not a scaling
-# problem but a diverged run.
-MAX_SKIPS_IN_A_ROW = 30
-
-
-class NonFiniteLossError(UserError):
-    """The loss (or the weights) became NaN/inf; training stopped without saving."""
-
-
-class FollowerStop(UserError):
-    """Raised on the other processes when the main process could not save: they stop too."""
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / DataParallel (`.module`) and torch.compile (`._orig_mod`)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str = "none",
-              min_lr_ratio: float = 0.0) -> float:
-    """Multiplier of the base LR before update `step` (0-based).
-
-    Linear warmup min((step + 1) / warmup_steps, 1) (the reference's form), then `decay` from 1
-    down to `min_lr_ratio` at `total_steps`: `cosine` (half a cosine wave) or `linear`.
-    """
-    factor = min((step + 1) / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
-    if decay == "none" or total_steps <= warmup_steps:
-        return factor
-    progress = min(max((step - warmup_steps) / (total_steps - warmup_steps), 0.0), 1.0)
-    if decay == "cosine":
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    elif decay == "linear":
-        shape = 1.0 - progress
-    else:
-        raise ValueError(f"unknown lr decay {decay!r}; choose from {', '.join(LR_DECAYS)}")
-    return factor * (min_lr_ratio + (1.0 - min_lr_ratio) * shape)
-
-
-class Callback:
-    """Hooks into `Trainer.fit`. Every method is optional; `trainer` gives access to everything.
-
-    They run on every process; use `trainer.is_main` for work only one process should do.
-    """
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        pass
-
-    def on_run_start(self, trainer: Trainer) -> None:
-        """Once, after the first update of this `fit` succeeded and before anything is logged
-        or saved: the run is known to start (data loads, the model trains)."""
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        """After each optimizer update (`trainer.step` already counts it)."""
-
-    def on_epoch_end(self, trainer: Trainer) -> None:
-        """After each epoch (`trainer.epoch` already counts it), before its checkpoint."""
-
-    def on_train_end(self, trainer: Trainer) -> None:
-        pass
-
-
-def _set_epoch(data: Any, epoch: int) -> None:
-    """Tell the data source (or its sampler) which epoch starts: its shuffle depends on it."""
-    for obj in (data, getattr(data, "sampler", None),
-                getattr(getattr(data, "batch_sampler", None), "sampler", None)):
-        if obj is not None and hasattr(obj, "set_epoch"):
-            obj.set_epoch(epoch)
-            return
-
-
-def _iter_from(data: Iterable, start: int) -> Iterator:
-    """Batches of the current epoch from index `start` (skipping cheaply where supported)."""
-    if start == 0:
-        return iter(data)
-    if hasattr(data, "iter_from"):
-        return data.iter_from(start)
-    return itertools.islice(iter(data), start, None)
 
 
 def _check_arguments(data, epochs, num_accum, lr, lr_decay, optimizer) -> int:
@@ -177,7 +70,7 @@ def _check_arguments(data, epochs, num_accum, lr, lr_decay, optimizer) -> int:
     return batches_per_epoch
 
 
-class Trainer:
+class Trainer(TrainerUpdates, TrainerLog, TrainerState):
     """Trains `model` on `data` with `diffusion`'s loss.
 
     Args:
@@ -300,24 +193,6 @@ class Trainer:
         self._reset_interval()
         self._pbar = None
 
-    def _build_optimizer(self, optimizer, lr, betas, weight_decay, fused, warmup_steps,
-                         lr_decay, min_lr_ratio) -> None:
-        opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-        opt_kwargs: dict[str, Any] = {"lr": lr, "betas": tuple(betas),
-                                      "weight_decay": weight_decay}
-        if fused is not None:
-            opt_kwargs["fused"] = fused
-        self.optimizer = opt_cls(self.params, **opt_kwargs)
-        self.warmup_steps = int(warmup_steps)
-        self.lr_decay = lr_decay
-        self.min_lr_ratio = float(min_lr_ratio)
-        warmup, total, decay, floor = self.warmup_steps, self.total_steps, lr_decay, min_lr_ratio
-
-        def schedule(step: int) -> float:  # a plain function: LambdaLR then saves no state for it
-            return lr_factor(step, warmup, total, decay, floor)
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=schedule)
-
     # ---- the parts a subclass may change -----------------------------------------------------
     def prepare_batch(self, batch: Any) -> torch.Tensor:
         """x_0 on the device from whatever the data yields."""
@@ -344,7 +219,7 @@ class Trainer:
         if self.labels is not None:
             u = torch.rand(B, device=self.device, generator=self.generator)
             y = self.drop_labels(self.labels, u)
-        with self._autocast():
+        with self.autocast():
             losses = self.diffusion.training_losses(self.denoiser(y), x_0, t, noise)
         return losses.float().mean()
 
@@ -363,175 +238,24 @@ class Trainer:
         """The weights to sample from: the EMA copy when EMA is on, else the trained model."""
         return self.ema.model if self.ema is not None else unwrap(self.model)
 
-    # ---- internals -----------------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
+        """The precision the run trains in, as a context manager (autocast or nothing)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _no_sync(self, last_micro: bool):
-        if not last_micro and hasattr(self.model, "no_sync"):
-            return self.model.no_sync()
-        return contextlib.nullcontext()
-
-    def _reset_interval(self) -> None:
-        self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._loss_count = 0
-        self._items = 0
-        self._grad_norm: torch.Tensor | None = None
-        self._t_start = time.perf_counter()
-
-    def _reduce(self, value: torch.Tensor) -> torch.Tensor:
-        """Mean over processes (for logging only)."""
-        if self.world_size > 1 and torch.distributed.is_available() \
-                and torch.distributed.is_initialized():
-            value = value.clone()
-            torch.distributed.all_reduce(value)
-            value /= self.world_size
-        return value
-
-    def _grad_norm_now(self) -> torch.Tensor:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self.device)
-        return torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-    def _update(self, micro_batches: int, losses: list[torch.Tensor]) -> bool:
-        """Finish one optimizer update from `micro_batches` accumulated micro-batches with
-        these (detached float64) losses; False when fp16 loss scaling skipped it (inf/NaN
-        gradients), whose losses then stay out of the logged mean."""
-        if micro_batches != self.num_accum:
-            # Each micro-batch loss was divided by num_accum: rescale a short final group.
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(self.num_accum / micro_batches)
-        log_now = not self._started or (self.step + 1) % self.log_every == 0
-        self.scaler.unscale_(self.optimizer)  # true gradients for the clip and the norm
-        if self.grad_clip > 0:
-            self._grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        elif log_now:
-            self._grad_norm = self._grad_norm_now()
-        applied = self._optimizer_step()
-        if applied:
-            for detached in losses:
-                self._loss_sum += detached
-            self._loss_count += len(losses)
-            self.scheduler.step()
-        else:
-            with warnings.catch_warnings():
-                # torch warns when the first optimizer step was skipped; the schedule is by
-                # update, skipped or not
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step")
-                self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(unwrap(self.model))
-        self.step += 1
-        if not self._started:
-            self._started = True
-            for cb in self.callbacks:
-                cb.on_run_start(self)
-        if log_now:
-            self._log_interval()
-        for cb in self.callbacks:
-            cb.on_step_end(self)
-        self._after_update()
-        return applied
-
-    def _optimizer_step(self) -> bool:
-        """The optimizer step through the loss scaler; False if fp16 skipped it."""
-        if not self.scaler.is_enabled():
-            self.optimizer.step()
-            return True
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.scaler.get_scale() >= scale:  # the scale only shrinks on a skip
-            self._skips_in_a_row = 0
-            return True
-        self.skipped_steps += 1
-        self._skips_in_a_row += 1
-        if self._skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
-            raise NonFiniteLossError(
-                f"the run diverged: {self._skips_in_a_row} updates in a row up to step "
-                f"{self.step + 1} had inf/NaN gradients under fp16 (loss scale now "
-                f"{self.scaler.get_scale():.3g}); training stopped without saving this state. Try a "
-                "lower --lr, gradient clipping, LR warmup or --precision bf16 / fp32")
-        return False
-
-    def _after_update(self) -> None:
-        """Rolling checkpoints by steps or time, and stop requests (the same on every process)."""
-        if self.chkpt_intv_steps and self.step % self.chkpt_intv_steps == 0:
-            self.save_checkpoint()
-        if self._control is None:
-            return
-        decision = self._control.poll()
-        if decision.save and self.last_saved_step != self.step:
-            self.save_checkpoint()
-        if decision.stop is not None:
-            self.stopped = decision.stop
-
-    def _sync_loss(self) -> float | None:
-        """Mean loss since the last sync (one host sync); raises on NaN/inf."""
-        if self._loss_count == 0:
-            return None
-        loss = float(self._reduce(self._loss_sum / self._loss_count))
-        self._check_finite(loss)
-        return loss
-
-    def _check_finite(self, loss: float) -> None:
-        if not math.isfinite(loss):
-            # The epoch the loss belongs to: the one in progress, or the one just finished.
-            epoch = self.epoch + (1 if self.batch_in_epoch else 0)
-            where = (f"the last good checkpoint is {self.last_checkpoint}"
-                     if self.last_checkpoint else "no checkpoint had been saved yet")
-            raise NonFiniteLossError(
-                f"the training loss became {loss} by step {self.step} (epoch {epoch}); "
-                f"training stopped without saving; {where}. Try a lower --lr, gradient "
-                "clipping or LR warmup")
-
-    def _log_interval(self, final: bool = False) -> None:
-        """Log the interval since the last record; `final`: the end of `fit`, whose partial
-        interval does not replace `last_loss` (the epoch's mean is the better summary)."""
-        loss = self._sync_loss()
-        if not final:
-            self.last_loss = loss
-        elapsed = max(time.perf_counter() - self._t_start, 1e-9)
-        record: dict[str, Any] = {
-            "step": self.step,
-            "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch,
-            "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            self.throughput_key: self._items * self.world_size / elapsed,
-        }
-        if self._grad_norm is not None:
-            norm = float(self._grad_norm)  # inf/NaN on a skipped fp16 update: JSON null
-            record["grad_norm"] = norm if math.isfinite(norm) else None
-        if self.scaler.is_enabled():
-            record["loss_scale"] = self.scaler.get_scale()
-            record["skipped_steps"] = self.skipped_steps
-        self.log_record(record)
-        if self._pbar is not None and loss is not None:
-            self._pbar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch + 1, refresh=False)
-        self._reset_interval()
-
-    def log_record(self, record: dict[str, Any]) -> None:
-        """Append one JSON line to the log (and scalars to tensorboard); main process only."""
-        self.runlog.write(record, self.step)
 
     # ---- the loop ------------------------------------------------------------------------------
     def train_epoch(self, max_steps: int | None = None) -> float | None:
         """Run (the rest of) the current epoch; returns its mean loss (None if it stopped
         early: `max_steps` reached, or a stop requested)."""
         self.model.train()
-        _set_epoch(self.data, self.epoch)
+        set_epoch(self.data, self.epoch)
         epoch_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         epoch_batches = 0
         micro = 0
         group: list[torch.Tensor] = []  # the current update's micro-batch losses
         # Resume lands on an update boundary, so the next micro-batch opens a new group.
-        for batch in _iter_from(self.data, self.batch_in_epoch):
+        for batch in iter_from(self.data, self.batch_in_epoch):
             x_0 = self.prepare_batch(batch)
             self.labels = self.prepare_labels(batch)
             self.micro_index = micro  # position in the accumulation group, for compute_loss
@@ -632,179 +356,5 @@ class Trainer:
             if self.stopped is not None or (max_steps is not None and self.step >= max_steps):
                 return
 
-    @contextlib.contextmanager
-    def _progress_bar(self):
-        """A tqdm bar over all updates (main process only), logging routed around it."""
-        if not (self.progress and self.is_main):
-            yield
-            return
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        # disable=None: no bar when stderr is not a terminal (cluster logs, pipes)
-        self._pbar = tqdm(total=self.total_steps, initial=self.step, unit="step",
-                          dynamic_ncols=True, desc="train", disable=None)
-        try:
-            with logging_redirect_tqdm():
-                yield
-        finally:
-            self._pbar.close()
-            self._pbar = None
-
-    # ---- checkpoints -----------------------------------------------------------------------------
-    def checkpoint_path(self) -> str | None:
-        """Where the current state goes: the epoch's permanent file at an epoch boundary,
-        else a rolling file named by the step."""
-        if self.files is None:
-            return None
-        if self.batch_in_epoch == 0:
-            return self.files.permanent(self.epoch)
-        return self.files.rolling(self.step)
-
-    def _rng_state(self) -> dict[str, Any]:
-        """This process's RNG states, and with several processes every process's (a
-        collective), so each resumes its own dropout stream."""
-        mine = {"global": get_rng_state(), "trainer": self.generator.get_state()}
-        if self.world_size <= 1:
-            return mine
-        import torch.distributed as dist
-
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.control_group)
-        return {**mine, "ranks": everyone}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly; plain data and tensors only. (With several
-        processes every one must call it: the RNG states are gathered.)"""
-        return {
-            "kind": CHECKPOINT_KIND,
-            "model": unwrap(self.model).state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "world_size": self.world_size,
-            "rng": self._rng_state(),
-            "config": self.config,
-            "loss": self.last_loss,
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "skipped_steps": self.skipped_steps,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a `state_dict()` (e.g. from `load_checkpoint(path)`, loaded on the CPU)."""
-        missing = [k for k in ("model", "optimizer", "step", "epoch") if k not in state]
-        if missing:
-            raise UserError(f"checkpoint lacks {', '.join(missing)}: it was not written by "
-                            "this trainer, so training cannot resume from it")
-        try:
-            self._load_weights(state)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"checkpoint does not match this model or optimizer ({first}); "
-                            "resume with the same settings it was trained with") from exc
-        self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
-        self.last_loss = state.get("loss")
-        self.last_saved_step = self.step
-        self.skipped_steps = int(state.get("skipped_steps") or 0)
-        rng = state.get("rng") or {}
-        ranks = rng.get("ranks")
-        if isinstance(ranks, list) and len(ranks) == self.world_size:
-            rng = ranks[self.rank]  # this process's own streams
-        if "global" in rng:
-            set_rng_state(rng["global"])
-        if "trainer" in rng:
-            self.generator.set_state(rng["trainer"])
-
-    def _load_weights(self, state: dict[str, Any]) -> None:
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler.is_enabled():
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            else:
-                logger.warning("checkpoint has no fp16 loss-scaler state (it was not trained "
-                               "in fp16); the loss scale restarts at %g",
-                               self.scaler.get_scale())
-        if self.ema is not None:
-            if state.get("ema") is not None:
-                self.ema.load_state_dict(state["ema"])
-            else:
-                logger.warning("checkpoint has no EMA weights; EMA restarts from the model")
-                self.ema.model.load_state_dict(unwrap(self.model).state_dict())
-
-    def save_checkpoint(self, path: str | None = None) -> str | None:
-        """Save the current state (atomically, by the main process; every process must call
-        this). Refuses non-finite weights; a failed write stops every process with the main
-        process's one-line reason. Returns the path (None without a checkpoint folder)."""
-        path = path or self.checkpoint_path()
-        if path is None:
-            return None
-        state = self.state_dict()
-        problem: UserError | None = None
-        if self.is_main:
-            try:
-                self._check_savable()
-                save_checkpoint(state, path)
-                if self.files is not None and "_step" in os.path.basename(path):
-                    self.files.prune_rolling()
-            except UserError as exc:
-                problem = exc
-        self._agree_or_raise(problem)
-        self.last_checkpoint, self.last_saved_step = path, self.step
-        if self._control is not None:
-            self._control.saved()
-        if self.is_main:
-            logger.info("saved checkpoint %s", path)
-        return path
-
-    def _check_savable(self) -> None:
-        if self._loss_count:
-            # This process's own mean loss: a collective here would wait for the others.
-            loss = float(self._loss_sum / self._loss_count)
-            self._check_finite(loss)
-        finite = torch.stack([p.detach().isfinite().all() for p in self.params]).all()
-        if not bool(finite):
-            raise NonFiniteLossError(
-                f"the weights hold NaN/inf at step {self.step}; not saving over good "
-                f"checkpoints (last good: {self.last_checkpoint or 'none'})")
-
-    def _agree_or_raise(self, problem: UserError | None) -> None:
-        """Every process learns whether the main process's save worked, and stops if not."""
-        failed = problem is not None
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            flag = torch.tensor([int(failed)], dtype=torch.int64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
-            failed = bool(flag.item())
-        if problem is not None:
-            raise problem
-        if failed:
-            raise FollowerStop("stopping: the main process could not save the checkpoint "
-                               "(its message says why)")
-
-    def resume(self, path: str) -> None:
-        """Load a checkpoint file and continue from it."""
-        from ddpmkit.checkpoints.files import load_checkpoint
-
-        self.load_state_dict(load_checkpoint(path, map_location="cpu"))
-        self.last_checkpoint = path
-        logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
 
-def make_callback(on_epoch_end: Callable[[Trainer], None] | None = None,
-                  on_train_end: Callable[[Trainer], None] | None = None) -> Callback:
-    """A `Callback` from plain functions."""
-    cb = Callback()
-    if on_epoch_end is not None:
-        cb.on_epoch_end = on_epoch_end  # type: ignore[method-assign]
-    if on_train_end is not None:
-        cb.on_train_end = on_train_end  # type: ignore[method-assign]
-    return cb

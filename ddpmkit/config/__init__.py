@@ -11,7 +11,9 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ddpmkit.errors import UserError
 
-PACKAGE_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# The shipped configs sit in the package folder (ddpmkit/configs), beside this package.
+PACKAGE_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "configs")
 
 
 def parse_with_explicit(
@@ -96,3 +98,16 @@ def dump_json(config: Dict[str, Any], path: str) -> None:
     from ddpmkit.utils.io import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+# The frozen run configurations (imported last: they read the schema of this package).
+from ddpmkit.config.run import (  # noqa: E402,F401
+    DatasetCfg,
+    DiffusionCfg,
+    EvalCfg,
+    ImageRunConfig,
+    ModelCfg,
+    RunPaths,
+    TrainCfg,
+)
+from ddpmkit.config.toy import ToyRunConfig  # noqa: E402,F401

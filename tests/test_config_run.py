@@ -1,0 +1,97 @@
+"""The frozen run configs (`ddpmkit.config`): their fields are the schema's keys with the
+schema's defaults, `to_dict` gives back the resolved dict every checkpoint stores, the one
+resolver takes plain values, and nothing there needs torch."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddpmkit.config import ImageRunConfig, ToyRunConfig, schema
+from ddpmkit.config.run import SECTIONS
+from ddpmkit.errors import UserError
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+
+
+@pytest.mark.parametrize("section", sorted(schema.SCHEMA))
+def test_section_fields_are_the_schema_keys_with_its_defaults(section):
+    fields = {f.name: f.default for f in dataclasses.fields(SECTIONS[section])}
+    assert list(fields) == list(schema.SCHEMA[section])
+    for name, key in schema.SCHEMA[section].items():
+        assert fields[name] == key.default, f"{section}.{name}"
+
+
+@pytest.mark.parametrize("path", sorted(GOLDEN.glob("config_*.json")), ids=lambda p: p.stem)
+def test_golden_resolved_configs_round_trip(path):
+    config = json.loads(path.read_text())["value"]
+    frozen = ImageRunConfig.from_dict(config)
+    assert frozen.to_dict() == config
+    assert json.dumps(frozen.to_dict(), sort_keys=True) == json.dumps(config, sort_keys=True)
+
+
+def test_replace_makes_a_new_object_and_leaves_the_old_one():
+    config = ImageRunConfig()
+    chosen = config.replace("train", precision="bf16")
+    assert (config.train.precision, chosen.train.precision) == ("auto", "bf16")
+    assert chosen.model is config.model
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.lr = 1.0
+
+
+def test_unknown_keys_are_one_line_errors():
+    with pytest.raises(UserError, match="learning_rate"):
+        ImageRunConfig.from_dict({"train": {"learning_rate": 1e-3}})
+    with pytest.raises(UserError, match="lr_max"):
+        ToyRunConfig.from_dict({"lr_max": 1.0})
+
+
+def test_the_resolver_takes_plain_values_and_equals_the_command_line():
+    """A dict and the set of options given, no Namespace: the same config as `ddpmkit train`
+    with the same flags (facts completed as `train` completes them)."""
+    from ddpmkit.cli.train import build_parser, resolve_config
+    from ddpmkit.config import parse_with_explicit
+    from ddpmkit.config.resolve import resolve_image_run
+    from ddpmkit.training.images import complete_dataset_facts
+
+    argv = ["--dataset", "mnist", "--lr", "1e-3", "--class-cond", "--exp-name", "x"]
+    args, typed = parse_with_explicit(build_parser(), argv)
+    expected = complete_dataset_facts(resolve_config(args, typed))
+    config = resolve_image_run({"dataset": "mnist", "lr": 1e-3, "class_cond": True,
+                                "exp_name": "x", "config_dir": "./configs"},
+                               {"dataset", "lr", "class_cond"})
+    assert isinstance(config, ImageRunConfig)
+    assert config.to_dict() == expected
+    assert config.train.lr == 1e-3 and config.model.num_classes == 10
+    assert config.dataset.class_names == tuple(expected["dataset"]["class_names"])
+
+
+def test_values_not_given_do_not_override_the_file():
+    from ddpmkit.config.resolve import resolve_image_run
+
+    config = resolve_image_run({"dataset": "cifar10", "lr": 5.0}, {"dataset"})
+    assert config.train.lr == 2e-4  # configs/cifar10.json's
+
+
+def test_toy_config_defaults_are_the_command_defaults_and_check_values():
+    from ddpmkit.cli.train_toy import resolve_config
+
+    assert ToyRunConfig().to_dict() == resolve_config([])
+    assert ToyRunConfig(class_cond=True).guidance_scale == 1.0
+    with pytest.raises(UserError, match="--lr must be positive"):
+        ToyRunConfig(lr=-1.0)
+    with pytest.raises(UserError, match="--guidance-scale needs --class-cond"):
+        ToyRunConfig(guidance_scale=2.0)
+
+
+def test_the_config_package_imports_no_torch():
+    script = ("import sys\nimport ddpmkit.config, ddpmkit.config.resolve, ddpmkit.config.facts\n"
+              "from ddpmkit.config import ImageRunConfig, ToyRunConfig\n"
+              "ImageRunConfig().to_dict(); ToyRunConfig().to_dict()\n"
+              "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
