@@ -44,7 +44,7 @@ def setup_run(threads: Optional[int], device_spec: str, config: str):
     CUDA, as `ddpmkit train` and `generate` do) and the config (a shipped name or a JSON path).
     Returns (device, config path, config dict)."""
     from ddpmkit.config import find_config_file, load_json
-    from ddpmkit.devices import resolve_device
+    from ddpmkit.runtime.devices import resolve_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -70,7 +70,7 @@ def cpu_model() -> str:
 def device_name(device: torch.device) -> str:
     """The GPU's name; for a CPU its model, what it offers the fast paths (AVX2, AVX512,
     AVX512_BF16, AMX: bf16 is emulated, and slow, without the last two) and the threads."""
-    from ddpmkit.devices import cpu_capability
+    from ddpmkit.runtime.devices import cpu_capability
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -32,7 +32,6 @@ from common import (  # noqa: E402
     synchronize,
 )
 
-from ddpmkit.devices import resolve_device  # noqa: E402
 from ddpmkit.metrics.fid import feature_statistics, frechet_distance  # noqa: E402
 from ddpmkit.metrics.inception import (  # noqa: E402
     FIDInceptionV3,
@@ -42,6 +41,7 @@ from ddpmkit.metrics.inception import (  # noqa: E402
     randomize_weights_,
 )
 from ddpmkit.metrics.precision_recall import precision_recall  # noqa: E402
+from ddpmkit.runtime.devices import resolve_device  # noqa: E402
 
 
 def inception_images_per_s(model, device, num_images, batch_size, image_size) -> float:

@@ -40,8 +40,8 @@ from common import (  # noqa: E402
 )
 
 from ddpmkit.build import build_diffusion  # noqa: E402
-from ddpmkit.devices import autocast_dtype, compile_module  # noqa: E402
 from ddpmkit.models import build_model  # noqa: E402
+from ddpmkit.runtime.devices import autocast_dtype, compile_module  # noqa: E402
 from ddpmkit.training.images import ImageTrainer  # noqa: E402
 
 HOST_ITERS = 3  # steps timed for the host's share (CUDA only)

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from ddpmkit import devices
+from ddpmkit.runtime import devices
 
 READ_CPU_FLAGS = devices.cpu_flags  # the probe itself, before any test patches it
 

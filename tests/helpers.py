@@ -80,7 +80,7 @@ def run_args(tmp_path: Path, name: str = "run"):
 
 def final_state(tmp_path: Path, name: str = "run"):
     """The state with the highest step in a run folder (as --resume would pick it)."""
-    from ddpmkit.training.checkpoint import newest_checkpoint
+    from ddpmkit.checkpoints.files import newest_checkpoint
 
     return newest_checkpoint([str(p) for p in (tmp_path / "chkpts" / name).glob("*.pt")]).state
 

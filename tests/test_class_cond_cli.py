@@ -11,10 +11,10 @@ import torch
 from helpers import one_line_error, randomize_, tiny_config
 from PIL import Image
 
+from ddpmkit.checkpoints.files import load_checkpoint, save_checkpoint
 from ddpmkit.cli import main as ddpmkit_main
 from ddpmkit.models.loading import build_from_config
 from ddpmkit.sampling import LABELS_NAME, MANIFEST_NAME
-from ddpmkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 # ---- train-toy ---------------------------------------------------------------------------

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from helpers import TINY, one_line_error, run_args, write_fake_cifar
 
-from ddpmkit import schema
 from ddpmkit.cli import main as ddpmkit_main
 from ddpmkit.cli.train import FLAG_TO_CONFIG
 from ddpmkit.cli.train import main as train_main
+from ddpmkit.config import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny models: intra-op threads would only fight over the shared cores.

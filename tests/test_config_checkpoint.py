@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from ddpmkit.config import deep_update, find_config_file, parse_with_explicit
-from ddpmkit.devices import resolve_device
-from ddpmkit.errors import UserError
-from ddpmkit.training.checkpoint import (
+from ddpmkit.checkpoints.files import (
     CheckpointFiles,
     load_checkpoint,
     newest_checkpoint,
     newest_file,
     save_checkpoint,
 )
+from ddpmkit.config import deep_update, find_config_file, parse_with_explicit
+from ddpmkit.errors import UserError
+from ddpmkit.runtime.devices import resolve_device
 
 
 def _parser():
@@ -154,7 +154,7 @@ def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
     save_checkpoint({"generation": 0, "w": torch.zeros(10)}, str(path))
     script = textwrap.dedent(f"""
         import torch
-        from ddpmkit.training.checkpoint import save_checkpoint
+        from ddpmkit.checkpoints.files import save_checkpoint
         big = torch.randn(8_000_000)  # 32 MB: slow enough to be killed mid-write
         i = 1
         while True:

@@ -10,10 +10,10 @@ import pytest
 from helpers import TINY, final_state, one_line_error, run_args
 from PIL import Image
 
+from ddpmkit.config.schema import check_value, parse_size, size_hw
 from ddpmkit.data import folder as fd
 from ddpmkit.data.images import build_dataset
 from ddpmkit.errors import UserError
-from ddpmkit.schema import check_value, parse_size, size_hw
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpmkit import schema
 from ddpmkit.build import DIFFUSION_DEFAULTS
+from ddpmkit.config import schema
 from ddpmkit.models.unet import MODEL_DEFAULTS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ddpmkit"

@@ -103,8 +103,8 @@ def test_generation_compile_freezes_weights_on_cpu_and_matches_eager():
 
 
 def test_compile_flag_values():
-    from ddpmkit.devices import COMPILE_MODES, compile_mode, compile_module
     from ddpmkit.errors import UserError
+    from ddpmkit.runtime.devices import COMPILE_MODES, compile_mode, compile_module
 
     assert [compile_mode(v) for v in (None, False, "", True)] == [None, None, None, "default"]
     assert all(compile_mode(m) == m for m in COMPILE_MODES)
@@ -177,7 +177,7 @@ def test_group_norm_bf16_path_has_gradients():
 def test_train_compile_flag_reaches_the_config(argv, expected):
     from ddpmkit.cli.train import build_parser, resolve_config
     from ddpmkit.config import parse_with_explicit
-    from ddpmkit.devices import compile_mode
+    from ddpmkit.runtime.devices import compile_mode
 
     parser = build_parser()
     args, typed = parse_with_explicit(parser, ["--dataset", "cifar10", *argv])

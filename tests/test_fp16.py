@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import TINY, final_state, run_args, same_tensors, write_fake_cifar
 
-from ddpmkit import devices
 from ddpmkit.data.toy import TensorBatches, make_toy_data, toy_generator
 from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule
 from ddpmkit.models.toy import ToyMLP
+from ddpmkit.runtime import devices
 from ddpmkit.training.trainer import MAX_SKIPS_IN_A_ROW, NonFiniteLossError, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -227,9 +227,9 @@ def test_generate_fp16_records_fp16_and_stays_close_to_fp32(tmp_path):
     from helpers import randomize_, tiny_config
     from PIL import Image
 
+    from ddpmkit.checkpoints.files import save_checkpoint
     from ddpmkit.cli.generate import main as generate_main
     from ddpmkit.models.loading import build_from_config
-    from ddpmkit.training.checkpoint import save_checkpoint
 
     model, _ = build_from_config(tiny_config())
     path = tmp_path / "model.pt"

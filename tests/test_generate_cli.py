@@ -9,10 +9,10 @@ import torch
 from helpers import tiny_config
 from PIL import Image
 
+from ddpmkit.checkpoints.files import save_checkpoint
 from ddpmkit.cli.generate import main
 from ddpmkit.models.loading import build_from_config
 from ddpmkit.sampling import MANIFEST_NAME
-from ddpmkit.training.checkpoint import save_checkpoint
 
 TINY_CONFIG = tiny_config()
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import tiny_config
 
+from ddpmkit.checkpoints.files import save_checkpoint
 from ddpmkit.cli.generate import main
 from ddpmkit.models.loading import build_from_config
-from ddpmkit.training.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = tiny_config()

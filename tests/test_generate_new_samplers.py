@@ -9,7 +9,7 @@ import pytest
 from test_class_cond_cli import _checkpoint, _generate, _pngs
 
 from ddpmkit.choices import SAMPLERS
-from ddpmkit.generation import MANIFEST_NAME
+from ddpmkit.sampling import MANIFEST_NAME
 
 NEW_SAMPLERS = SAMPLERS[3:]
 STEPS = 3

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import randomize_, tiny_config
 
+from ddpmkit.checkpoints.files import save_checkpoint
 from ddpmkit.cli.generate import main as generate_main
 from ddpmkit.models.loading import (
     build_from_config,
@@ -16,7 +17,6 @@ from ddpmkit.models.loading import (
     model_from_checkpoint_dict,
 )
 from ddpmkit.sampling import MANIFEST_NAME
-from ddpmkit.training.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -26,11 +26,11 @@ import torch
 from helpers import TINY, random_inception_weights, randomize_, same_tensors, tiny_config, write_fake_cifar
 from PIL import Image
 
-from ddpmkit import devices
+from ddpmkit.checkpoints.files import load_checkpoint, save_checkpoint
 from ddpmkit.cli import main as ddpmkit_main
 from ddpmkit.metrics import weights as wts
 from ddpmkit.models.loading import build_from_config
-from ddpmkit.training.checkpoint import load_checkpoint, save_checkpoint
+from ddpmkit.runtime import devices
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "data" / "golden"

@@ -93,7 +93,7 @@ def test_frozen_compiled_denoiser_matches_eager(strict_fp32):
 def test_nccl_ddp_one_process_matches_plain_step():
     import torch.distributed as dist
 
-    from ddpmkit.training.distributed import free_port
+    from ddpmkit.runtime.distributed import free_port
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     dist.init_process_group("nccl", rank=0, world_size=1)

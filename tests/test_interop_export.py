@@ -12,13 +12,13 @@ from helpers import randomize_, rel_error, tiny_config
 from interop_helpers import ddpm_pipeline_gap
 
 from ddpmkit.build import build_diffusion
+from ddpmkit.checkpoints.files import save_checkpoint
 from ddpmkit.cli.export import main as export_main
 from ddpmkit.errors import UserError
 from ddpmkit.interop.export import export_checkpoint
 from ddpmkit.interop.sources import load_model_from_checkpoint
 from ddpmkit.models.loading import build_from_config
 from ddpmkit.models.unet import MODEL_DEFAULTS
-from ddpmkit.training.checkpoint import save_checkpoint
 from ddpmkit.utils.io import OWNED_MARKER
 
 diffusers = pytest.importorskip("diffusers")

@@ -46,14 +46,7 @@ ALLOWED_UPWARD: dict = {}
 # Old path -> new module: aliases (the same module object) kept for code written against the
 # old paths (tests, benchmarks, branches in flight); nothing in the package uses them. Delete
 # each once its users have moved.
-SHIMS = {
-    "devices": "runtime.devices",
-    "training.distributed": "runtime.distributed",
-    "training.preemption": "runtime.stops",
-    "training.checkpoint": "checkpoints.files",
-    "generation": "sampling",
-    "schema": "config.schema",
-}
+SHIMS: dict = {}
 # Oversized definitions today: "module:qualname" (or "module" for a file) -> lines.
 ALLOWED_LONG = {
     "config.schema": 414,  # the table of every key: 14 lines over

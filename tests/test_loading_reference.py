@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import tiny_config
 
+from ddpmkit.checkpoints.files import save_checkpoint
 from ddpmkit.config import find_config_file, load_json
 from ddpmkit.errors import UserError
 from ddpmkit.interop.sources import load_model_from_checkpoint
@@ -19,7 +20,6 @@ from ddpmkit.models.loading import (
     select_weights,
     strip_prefixes,
 )
-from ddpmkit.training.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS_TSV = ROOT / "tests" / "data" / "reference" / "ddpm-torch-unet-keys-cifar10.tsv"

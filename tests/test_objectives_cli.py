@@ -7,11 +7,11 @@ import os
 import pytest
 from helpers import TINY, final_state, one_line_error, run_args, write_fake_cifar
 
+from ddpmkit.checkpoints.files import load_checkpoint
 from ddpmkit.choices import SAMPLERS
 from ddpmkit.cli.generate import main as generate_main
 from ddpmkit.cli.train import main as train_main
 from ddpmkit.cli.train_toy import main as toy_main
-from ddpmkit.training.checkpoint import load_checkpoint
 from ddpmkit.training.toy import build_diffusion, load_toy_model
 
 OBJECTIVE = ["--model-mean-type", "v", "--loss-weight", "min-snr", "--min-snr-gamma", "3",

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import TINY, run_args, tiny_config, write_fake_cifar
 
-from ddpmkit import devices
 from ddpmkit.cli.train import main as train_main
+from ddpmkit.runtime import devices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,9 +76,9 @@ def test_train_help_offers_auto_as_the_default():
 
 
 def test_generate_records_the_chosen_precision(tmp_path, without_native_bf16):
+    from ddpmkit.checkpoints.files import save_checkpoint
     from ddpmkit.cli.generate import main as generate_main
     from ddpmkit.models.loading import build_from_config
-    from ddpmkit.training.checkpoint import save_checkpoint
 
     model, _ = build_from_config(tiny_config())
     path = tmp_path / "model.pt"

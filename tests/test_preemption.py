@@ -16,10 +16,10 @@ import pytest
 import torch
 from helpers import TINY, final_state, run_args, same_tensors, write_fake_cifar
 
+from ddpmkit.checkpoints.files import load_checkpoint
 from ddpmkit.cli.train import main
-from ddpmkit.training.checkpoint import load_checkpoint
+from ddpmkit.runtime.stops import RunControl, StopFlag
 from ddpmkit.training.images import ImageTrainer
-from ddpmkit.training.preemption import RunControl, StopFlag
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny models: intra-op threads would only fight over the shared cores.
@@ -176,10 +176,10 @@ def test_the_toy_trainer_stops_as_cleanly_and_resumes_exactly(tmp_path, monkeypa
 def test_generation_stops_after_the_batch_and_a_rerun_finishes(tmp_path, monkeypatch, capsys):
     from helpers import tiny_config
 
+    from ddpmkit.checkpoints.files import save_checkpoint
     from ddpmkit.cli.generate import main as generate_main
     from ddpmkit.models.loading import build_from_config
     from ddpmkit.sampling import folder as sample_folder
-    from ddpmkit.training.checkpoint import save_checkpoint
 
     model, _ = build_from_config(tiny_config())
     path = tmp_path / "model.pt"

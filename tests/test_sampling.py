@@ -107,13 +107,6 @@ def test_the_config_loads_no_torch():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_the_old_path_is_the_same_module():
-    import ddpmkit.generation as old
-    import ddpmkit.sampling as new
-
-    assert old is new and old.IndexedNoise is new.noise.IndexedNoise
-
-
 def test_the_readmes_python_call_names_real_settings():
     import re
     from dataclasses import fields

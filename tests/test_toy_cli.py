@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import one_line_error
 
+from ddpmkit.checkpoints.files import load_checkpoint
 from ddpmkit.cli import main as ddpmkit_main
 from ddpmkit.cli.train_toy import main
-from ddpmkit.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

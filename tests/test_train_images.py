@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import TINY, final_state, run_args, same_tensors, write_fake_cifar
 
+from ddpmkit.checkpoints.files import load_checkpoint
 from ddpmkit.cli.train import main
-from ddpmkit.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

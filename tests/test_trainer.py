@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from ddpmkit.checkpoints.files import load_checkpoint
 from ddpmkit.data.toy import TensorBatches, make_toy_data, toy_generator
 from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule
 from ddpmkit.models.toy import ToyMLP
-from ddpmkit.training.checkpoint import load_checkpoint
 from ddpmkit.training.ema import EMA
 from ddpmkit.training.trainer import NonFiniteLossError, Trainer, lr_factor, unwrap
 

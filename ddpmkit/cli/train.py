@@ -2,7 +2,7 @@
 
 Flags keep the reference project's names. Config precedence: built-in defaults < the dataset's
 JSON config (configs/<dataset>.json, or --config-path) < flags typed on the command line. Every
-config key is described, typed and bounded in `ddpmkit.schema`; files and flags are checked
+config key is described, typed and bounded in `ddpmkit.config.schema`; files and flags are checked
 against it before anything runs or is written. This module imports no torch: the work is done
 by `ddpmkit.training.images.launch`.
 """
