@@ -95,3 +95,37 @@ def test_the_config_package_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_toy_section_of_the_schema_is_the_toy_config_and_its_flags():
+    from ddpmkit.cli.train_toy import RECIPES, build_parser
+    from ddpmkit.config.toy_schema import TOY_KEYS, TOY_RECIPES
+
+    fields = {f.name: f.default for f in dataclasses.fields(ToyRunConfig)}
+    assert set(fields) == set(TOY_KEYS) | {"device_resolved"}
+    assert all(fields[name] == key.default for name, key in TOY_KEYS.items())
+    assert tuple(RECIPES) == TOY_RECIPES
+    for action in build_parser()._actions:
+        if action.dest in TOY_KEYS:
+            assert action.default == TOY_KEYS[action.dest].default, action.dest
+            if action.choices:
+                assert set(action.choices) == set(TOY_KEYS[action.dest].choices), action.dest
+    # an open lower bound reads "must be positive": it is 0 wherever one is used
+    assert {key.low for key in TOY_KEYS.values() if key.low_open} == {0}
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(size=0), "--size must be positive, got 0"),
+    (dict(lr=float("nan")), "--lr must be a finite number, got nan"),
+    (dict(lr_warmup=-1), "--lr-warmup must be >= 0, got -1"),
+    (dict(ema_decay=1.0), "--ema-decay must be in [0, 1), got 1.0"),
+    (dict(class_dropout=1.0), "--class-dropout must be in [0, 1), got 1.0"),
+    (dict(steps=0), "--steps must be positive, got 0"),
+    (dict(timesteps=1), "--timesteps must be at least 2"),
+    (dict(epochs=2.5), "--epochs must be an integer, got 2.5"),
+    (dict(dataset="moons"), "--dataset must be one of gaussian8, gaussian25, swissroll"),
+])
+def test_toy_values_are_checked_against_the_schema(changes, message):
+    with pytest.raises(UserError) as info:
+        ToyRunConfig(**changes)
+    assert str(info.value).startswith(message)

@@ -17,11 +17,10 @@ import argparse
 import sys
 from typing import Any
 
-from ddpmkit.choices import ANIMATION_FORMATS, BETA_SCHEDULES, SAMPLERS, TOY_DATASETS
 from ddpmkit.cli import CLIParser, add_objective_flags
 from ddpmkit.config import parse_with_explicit
-from ddpmkit.config.toy import DEFAULT_TOY_GUIDANCE_SCALE, ToyRunConfig
-from ddpmkit.config.toy import default as toy_default
+from ddpmkit.config.toy import ToyRunConfig
+from ddpmkit.config.toy_schema import DEFAULT_TOY_GUIDANCE_SCALE, TOY_KEYS, toy_default
 
 # Recommended settings (see the README's toy section for what they buy and why). Applied as
 # defaults: flags the user typed still win.
@@ -43,14 +42,18 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 
-_t = toy_default  # the one copy of each toy default: ToyRunConfig's
+_t = toy_default  # the one copy of each toy default: the toy section of the schema
+
+
+def _c(name: str) -> tuple:
+    return TOY_KEYS[name].choices
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = CLIParser(prog="ddpmkit train-toy",
                 description="Train a DDPM on 2-D toy data (gaussian8, gaussian25, swissroll).")
     # ---- the reference project's flags (names, types, defaults) ----
-    p.add_argument("--dataset", choices=TOY_DATASETS, default=_t("dataset"))
+    p.add_argument("--dataset", choices=_c("dataset"), default=_t("dataset"))
     p.add_argument("--size", type=int, default=_t("size"), help="number of training points")
     p.add_argument("--root", type=str, default=_t("root"),
                    help="root directory of datasets (unused: toy data is generated)")
@@ -64,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=_t("batch_size"))
     p.add_argument("--timesteps", type=int, default=_t("timesteps"),
                    help="number of diffusion steps")
-    p.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=_t("beta_schedule"))
+    p.add_argument("--beta-schedule", choices=_c("beta_schedule"), default=_t("beta_schedule"))
     p.add_argument("--beta-start", type=float, default=_t("beta_start"))
     p.add_argument("--beta-end", type=float, default=_t("beta_end"))
+    # the reference's order of choices (in --help and its errors); the schema holds the same
     p.add_argument("--model-mean-type", choices=("mean", "x_0", "eps", "v"),
                    default=_t("model_mean_type"))
     p.add_argument("--model-var-type", choices=("learned", "fixed-small", "fixed-large"),
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mid-features", type=int, default=_t("mid_features"))
     p.add_argument("--num-temporal-layers", type=int, default=_t("num_temporal_layers"))
     # ---- beyond the reference (defaults keep its behaviour) ----
-    p.add_argument("--recipe", choices=tuple(RECIPES), default=_t("recipe"),
+    p.add_argument("--recipe", choices=_c("recipe"), default=_t("recipe"),
                    help="preset defaults: 'reference' (the reference project's) or 'sharp' "
                         "(the recommended toy recipe); typed flags override either")
     p.add_argument("--chkpt-path", type=str, default=_t("chkpt_path"),
@@ -94,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "log and plots) with a new one")
     p.add_argument("--chkpt-every-minutes", type=float, default=_t("chkpt_every_minutes"),
                    help="minutes between rolling checkpoints of the latest state (0: off)")
-    p.add_argument("--lr-decay", choices=("none", "cosine", "linear"), default=_t("lr_decay"),
+    p.add_argument("--lr-decay", choices=_c("lr_decay"), default=_t("lr_decay"),
                    help="LR decay after warmup, to 0 at the last step")
     p.add_argument("--grad-clip", type=float, default=_t("grad_clip"),
                    help="max global gradient norm (0: no clipping)")
@@ -108,13 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="points generated for the final evaluation")
     p.add_argument("--num-interim-samples", type=int, default=_t("num_interim_samples"),
                    help="points generated at each --eval-intv evaluation before the last")
-    p.add_argument("--sampler", choices=SAMPLERS, default=_t("sampler"),
+    p.add_argument("--sampler", choices=_c("sampler"), default=_t("sampler"),
                    help="sampler used for evaluation")
     p.add_argument("--steps", type=int, default=_t("steps"),
                    help="sampling steps of every sampler but ddpm (ddim: T, heun: 10, the "
                         "others: 20)")
     p.add_argument("--eta", type=float, default=_t("eta"), help="DDIM eta")
-    p.add_argument("--animation-format", choices=(*ANIMATION_FORMATS, "none"),
+    p.add_argument("--animation-format", choices=_c("animation_format"),
                    default=_t("animation_format"),
                    help="format of the animation of the evaluation plots")
     p.add_argument("--class-cond", action="store_true",

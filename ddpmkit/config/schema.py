@@ -57,8 +57,8 @@ class Key:
     nullable: bool = False
 
 
-def _int(doc, default=None, low=None, high=None, nullable=False):
-    return Key("int", doc, default, low=low, high=high, nullable=nullable)
+def _int(doc, default=None, low=None, high=None, nullable=False, low_open=False):
+    return Key("int", doc, default, low=low, high=high, low_open=low_open, nullable=nullable)
 
 
 def _float(doc, default=None, low=None, high=None, low_open=False, high_open=False,

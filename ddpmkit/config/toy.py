@@ -1,77 +1,75 @@
 """The toy run's configuration: `ToyRunConfig`, frozen, one field per `train-toy` flag (the
-reference project's spellings), holding the one copy of their defaults; `to_dict()` is the flat
-dict every toy checkpoint stores. No torch.
+reference project's spellings), each defaulting to its key in the toy section of the schema
+(`config.toy_schema`); `to_dict()` is the flat dict every toy checkpoint stores. No torch.
 
 Build one in Python with keyword arguments (`ToyRunConfig(dataset="gaussian25", epochs=20)`),
-or from a dict with `from_dict`; either way the values are checked (`check_toy`) and a bad one
-is a one-line `UserError` naming its flag.
+or from a dict with `from_dict`; either way the values are checked against the schema
+(`check_toy`) and a bad one is a one-line `UserError` naming its flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from ddpmkit.config.toy_schema import check_toy
+from ddpmkit.config.toy_schema import toy_default as _d
 from ddpmkit.errors import UserError
-
-# Guidance scale of a class-conditional run's evaluations when none is given.
-DEFAULT_TOY_GUIDANCE_SCALE = 1.0
 
 
 @dataclass(frozen=True)
 class ToyRunConfig:
     # ---- the reference project's settings (names, defaults) ----
-    dataset: str = "gaussian8"
-    size: int = 100_000
-    root: str = "~/datasets"
-    epochs: int = 100
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    lr_warmup: int = 0
-    batch_size: int = 1000
-    timesteps: int = 100
-    beta_schedule: str = "linear"
-    beta_start: float = 0.001
-    beta_end: float = 0.2
-    model_mean_type: str = "eps"
-    model_var_type: str = "fixed-large"
-    loss_type: str = "mse"
-    image_dir: str = "./images/train"
-    chkpt_dir: str = "./chkpts"
-    chkpt_intv: int = 100
-    eval_intv: int = 10
-    seed: int = 1234
-    resume: bool = False
-    device: str = "auto"
-    mid_features: int = 128
-    num_temporal_layers: int = 3
+    dataset: str = _d("dataset")
+    size: int = _d("size")
+    root: str = _d("root")
+    epochs: int = _d("epochs")
+    lr: float = _d("lr")
+    beta1: float = _d("beta1")
+    beta2: float = _d("beta2")
+    lr_warmup: int = _d("lr_warmup")
+    batch_size: int = _d("batch_size")
+    timesteps: int = _d("timesteps")
+    beta_schedule: str = _d("beta_schedule")
+    beta_start: float = _d("beta_start")
+    beta_end: float = _d("beta_end")
+    model_mean_type: str = _d("model_mean_type")
+    model_var_type: str = _d("model_var_type")
+    loss_type: str = _d("loss_type")
+    image_dir: str = _d("image_dir")
+    chkpt_dir: str = _d("chkpt_dir")
+    chkpt_intv: int = _d("chkpt_intv")
+    eval_intv: int = _d("eval_intv")
+    seed: int = _d("seed")
+    resume: bool = _d("resume")
+    device: str = _d("device")
+    mid_features: int = _d("mid_features")
+    num_temporal_layers: int = _d("num_temporal_layers")
     # ---- beyond the reference (defaults keep its behaviour) ----
-    recipe: str = "reference"
-    chkpt_path: Optional[str] = None
-    overwrite: bool = False
-    chkpt_every_minutes: float = 10.0
-    lr_decay: str = "none"
-    grad_clip: float = 0.0
-    ema_decay: float = 0.0
-    fourier_features: int = 0
-    fourier_scale: float = 1.0
-    num_eval_samples: int = 50_000
-    num_interim_samples: int = 5_000
-    sampler: str = "ddpm"
-    steps: Optional[int] = None
-    eta: float = 0.0
-    animation_format: str = "gif"
-    class_cond: bool = False
-    class_dropout: float = 0.1
-    guidance_scale: Optional[float] = None
-    loss_weight: str = "uniform"
-    min_snr_gamma: float = 5.0
-    zero_terminal_snr: bool = False
-    log_every: int = 100
-    no_progress: bool = False
+    recipe: str = _d("recipe")
+    chkpt_path: Optional[str] = _d("chkpt_path")
+    overwrite: bool = _d("overwrite")
+    chkpt_every_minutes: float = _d("chkpt_every_minutes")
+    lr_decay: str = _d("lr_decay")
+    grad_clip: float = _d("grad_clip")
+    ema_decay: float = _d("ema_decay")
+    fourier_features: int = _d("fourier_features")
+    fourier_scale: float = _d("fourier_scale")
+    num_eval_samples: int = _d("num_eval_samples")
+    num_interim_samples: int = _d("num_interim_samples")
+    sampler: str = _d("sampler")
+    steps: Optional[int] = _d("steps")
+    eta: float = _d("eta")
+    animation_format: str = _d("animation_format")
+    class_cond: bool = _d("class_cond")
+    class_dropout: float = _d("class_dropout")
+    guidance_scale: Optional[float] = _d("guidance_scale")
+    loss_weight: str = _d("loss_weight")
+    min_snr_gamma: float = _d("min_snr_gamma")
+    zero_terminal_snr: bool = _d("zero_terminal_snr")
+    log_every: int = _d("log_every")
+    no_progress: bool = _d("no_progress")
     # Written by the run: the device `device` resolved to (stored in checkpoints).
     device_resolved: Optional[str] = None
 
@@ -97,62 +95,3 @@ class ToyRunConfig:
 
     def replace(self, **changes: Any) -> "ToyRunConfig":
         return dataclasses.replace(self, **changes)
-
-
-def default(name: str) -> Any:
-    """The default of a toy setting (for the flags of `ddpmkit train-toy`)."""
-    return ToyRunConfig.__dataclass_fields__[name].default
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_toy(c: dict[str, Any]) -> None:
-    """Every value in range before anything runs (NaN and inf are out of every range); fills
-    in a class-conditional run's guidance scale."""
-    for name, value in c.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{_flag(name)} must be a finite number, got {value}")
-    for name in ("size", "epochs", "lr", "batch_size", "timesteps", "mid_features",
-                 "eval_intv", "chkpt_intv", "num_eval_samples", "num_interim_samples",
-                 "log_every", "min_snr_gamma"):
-        if c[name] is None or c[name] <= 0:
-            raise UserError(f"{_flag(name)} must be positive, got {c[name]}")
-    for name in ("num_temporal_layers", "lr_warmup", "grad_clip", "fourier_features",
-                 "chkpt_every_minutes"):
-        if c[name] < 0:
-            raise UserError(f"{_flag(name)} must be >= 0, got {c[name]}")
-    if c["timesteps"] < 2:
-        raise UserError("--timesteps must be at least 2")
-    if c["batch_size"] > c["size"]:
-        raise UserError(f"--batch-size {c['batch_size']} is larger than --size {c['size']}")
-    for name in ("beta1", "beta2", "ema_decay"):
-        if not 0 <= c[name] < 1:
-            raise UserError(f"{_flag(name)} must be in [0, 1), got {c[name]}")
-    if c["steps"] is not None and c["steps"] <= 0:
-        raise UserError(f"--steps must be positive, got {c['steps']}")
-    if c["eta"] != 0 and c["sampler"] != "ddim":
-        raise UserError(f"--eta applies to ddim only, not to {c['sampler']}")
-    _check_classes(c)
-    if c["chkpt_path"] and not c["resume"]:
-        raise UserError("--chkpt-path names the checkpoint to resume from: add --resume, or "
-                        "drop --chkpt-path to start a new run")
-
-
-def _check_classes(c: dict[str, Any]) -> None:
-    """Class conditioning needs labels (the mixtures' modes); guidance needs conditioning."""
-    if not 0 <= c["class_dropout"] < 1:
-        raise UserError(f"--class-dropout must be in [0, 1), got {c['class_dropout']}")
-    if c["class_cond"] and c["dataset"] == "swissroll":
-        raise UserError("--class-cond needs labels, and swissroll has none: use gaussian8 or "
-                        "gaussian25 (labels are the mode index)")
-    if c["guidance_scale"] is not None:
-        if not c["class_cond"]:
-            raise UserError("--guidance-scale needs --class-cond (an unconditional model has "
-                            "nothing to guide)")
-        if not 0 <= c["guidance_scale"] < math.inf:
-            raise UserError(f"--guidance-scale must be a finite number >= 0, got "
-                            f"{c['guidance_scale']}")
-    elif c["class_cond"]:
-        c["guidance_scale"] = DEFAULT_TOY_GUIDANCE_SCALE
