@@ -4,11 +4,12 @@ meaning, in one table that imports no torch.
 A config file (`configs/<dataset>.json`, `--config-path`) and the flags of `ddpmkit train` are
 checked against it before any work starts: unknown keys (with a "did you mean"), wrong types,
 non-integers where integers belong, values out of range or not among the choices are one-line
-`UserError`s naming the key and the file. The README's key table is `markdown_table()`.
+`UserError`s naming the key and the file. The README's key table is
+`config.table.markdown_table()`.
 
 The reference project's config files are accepted as they are (`normalize`): a top-level
 `"dataset": "cifar10"` string, a `denoise` section for the network, a top-level `seed`, and
-`celeba_hq` for `celebahq`.
+`celeba_hq` for `celebahq`. The toy run's keys are the toy section, `config.toy_schema`.
 """
 
 from __future__ import annotations
@@ -376,14 +377,6 @@ def check(config: Mapping[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def flag_for(section: str, name: str, flags: Mapping[str, tuple[str, str]]) -> str | None:
-    """The command-line flag (e.g. `--lr`) that sets `section.name`, if any."""
-    for dest, where in flags.items():
-        if where == (section, name):
-            return "--" + dest.replace("_", "-")
-    return None
-
-
 def eval_sampler_name(ev: Mapping[str, Any]) -> str:
     """The sampler of a run's grids and evaluations: eval.sampler, else the reference's
     use_ddim (ddim) or ddpm; a use_ddim that contradicts eval.sampler is refused."""
@@ -394,21 +387,3 @@ def eval_sampler_name(ev: Mapping[str, Any]) -> str:
         raise UserError(f"--use-ddim (eval.use_ddim) contradicts --sampler {name} "
                         "(eval.sampler): drop one")
     return name
-
-
-def markdown_table(flags: Mapping[str, tuple[str, str]] | None = None) -> str:
-    """Every key as a Markdown table (section.key, kind, default, meaning, flag)."""
-    flags = flags or {}
-    rows = ["| key | value | default | meaning | flag |", "|---|---|---|---|---|"]
-    for section, keys in SCHEMA.items():
-        for name, key in keys.items():
-            value = key.kind.replace("_", " ")
-            if key.choices:
-                value = " / ".join(f"`{c}`" for c in key.choices)
-            if key.nullable:
-                value += " or null"
-            default = "" if key.default is None else f"`{key.default}`"
-            flag = flag_for(section, name, flags)
-            rows.append(f"| `{section}.{name}` | {value} | {default} | {key.doc} | "
-                        f"{'`' + flag + '`' if flag else ''} |")
-    return "\n".join(rows)
