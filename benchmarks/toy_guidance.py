@@ -58,7 +58,8 @@ def train(flags: list[str]) -> str:
 
 
 def main(argv=None) -> None:
-    from ddpmkit.training.toy import ToyEvaluation, build_diffusion, guidance_curve, load_toy_model
+    from ddpmkit.build import build_diffusion
+    from ddpmkit.training.toy import DECODER, ToyEvaluation, guidance_curve, load_toy_model
 
     args, train_flags = parse_args(argv)
     if args.threads:
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
     if not c.get("class_cond"):
         raise SystemExit(f"{path} is not class-conditional (train it with --class-cond)")
     c = {**c, "sampler": args.sampler or c["sampler"], "steps": args.steps or c["steps"]}
-    evaluation = ToyEvaluation(c, build_diffusion(c), torch.device("cpu"), image_dir="")
+    evaluation = ToyEvaluation(c, build_diffusion(c, DECODER), torch.device("cpu"), image_dir="")
     scales = [float(w) for w in args.scales.split(",")]
     start = time.perf_counter()
     rows = guidance_curve(evaluation, model, scales, args.num_points)

@@ -34,20 +34,16 @@ def test_gaussian8_samples_sit_on_the_requested_mode(tmp_path, capsys):
 def test_gaussian25_guidance_puts_95_percent_on_the_requested_mode(tmp_path):
     """The README's guidance curve: at least 95% of the points asked for mode k within 3 std of
     mode k (guidance 1; measured 99.6%), and guidance raises that share over w = 0."""
+    from ddpmkit.build import build_diffusion
     from ddpmkit.recipes.toy import train_toy
-    from ddpmkit.training.toy import (
-        ToyEvaluation,
-        build_diffusion,
-        guidance_curve,
-        load_toy_model,
-    )
+    from ddpmkit.training.toy import DECODER, ToyEvaluation, guidance_curve, load_toy_model
 
     c = resolve_config(["--dataset", "gaussian25", *SHORT_SHARP, "--epochs", "30",
                         "--class-cond", "--num-eval-samples", "1000",
                         "--chkpt-dir", str(tmp_path / "ck"), "--image-dir", str(tmp_path / "img")])
     assert train_toy(c, report=lambda line: None) == 0
     model, saved = load_toy_model(str(tmp_path / "ck" / "ddpm_gaussian25_30.pt"))
-    evaluation = ToyEvaluation(saved, build_diffusion(saved), torch.device("cpu"), "")
+    evaluation = ToyEvaluation(saved, build_diffusion(saved, DECODER), torch.device("cpu"), "")
     plain, guided = guidance_curve(evaluation, model, [0.0, 1.0], 4000)
     assert guided["on_requested_mode"] >= 0.95
     assert guided["worst_requested_mode"] >= 0.9

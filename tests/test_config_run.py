@@ -129,3 +129,12 @@ def test_toy_values_are_checked_against_the_schema(changes, message):
     with pytest.raises(UserError) as info:
         ToyRunConfig(**changes)
     assert str(info.value).startswith(message)
+
+
+def test_a_toy_checkpoint_without_the_newer_keys_gets_what_it_trained_with():
+    from ddpmkit.training.toy import ADDED_LATER
+
+    image = schema.defaults()["diffusion"]
+    assert {k: v for k, v in ADDED_LATER.items() if k in image} == {
+        "loss_weight": "uniform", "min_snr_gamma": 5.0, "zero_terminal_snr": False}
+    assert all(image[k] == v for k, v in ADDED_LATER.items() if k in image)

@@ -7,12 +7,13 @@ import os
 import pytest
 from helpers import TINY, final_state, one_line_error, run_args, write_fake_cifar
 
+from ddpmkit.build import build_diffusion
 from ddpmkit.checkpoints.files import load_checkpoint
 from ddpmkit.choices import SAMPLERS
 from ddpmkit.cli.generate import main as generate_main
 from ddpmkit.cli.train import main as train_main
 from ddpmkit.cli.train_toy import main as toy_main
-from ddpmkit.training.toy import build_diffusion, load_toy_model
+from ddpmkit.training.toy import DECODER, load_toy_model
 
 OBJECTIVE = ["--model-mean-type", "v", "--loss-weight", "min-snr", "--min-snr-gamma", "3",
              "--zero-terminal-snr"]
@@ -36,13 +37,13 @@ def test_train_toy_stores_the_objective_and_samples_with_it(tmp_path, capsys, sa
     c = load_checkpoint(path)["config"]
     assert {k: c[k] for k in STORED} == STORED
     model, c = load_toy_model(path)
-    diffusion = build_diffusion(c)
+    diffusion = build_diffusion(c, DECODER)
     assert (diffusion.model_mean_type, diffusion.loss_weight, diffusion.min_snr_gamma,
             diffusion.alphas_bar[-1]) == ("v", "min-snr", 3.0, 0.0)
     # A checkpoint from before these settings existed builds today's defaults.
     old = {k: v for k, v in c.items() if k not in ("loss_weight", "min_snr_gamma",
                                                     "zero_terminal_snr")}
-    before = build_diffusion({**old, "model_mean_type": "eps"})
+    before = build_diffusion({**old, "model_mean_type": "eps"}, DECODER)
     assert (before.loss_weight, before.zero_terminal_snr) == ("uniform", False)
 
 

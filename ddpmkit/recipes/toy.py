@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from ddpmkit.build import build_diffusion
 from ddpmkit.config.toy import ToyRunConfig
 from ddpmkit.data.toy import TensorBatches, make_labeled_toy_data, toy_generator
 from ddpmkit.errors import UserError
@@ -22,11 +23,11 @@ from ddpmkit.runtime.stops import StopFlag
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.toy import (
     ADDED_LATER,
+    DECODER,
     MUST_MATCH_ON_RESUME,
     TOY_IMAGE_RE,
     ToyEvalCallback,
     ToyEvaluation,
-    build_diffusion,
     build_model,
     format_metrics,
     num_classes,
@@ -102,7 +103,7 @@ def train_toy(config: ToyRunConfig | dict[str, Any],
     image_dir = os.path.join(os.path.expanduser(c["image_dir"]), c["dataset"])
     folder = prepare_folder(c, image_dir)
     report("config: " + json.dumps({k: c[k] for k in sorted(c)}))
-    evaluation = ToyEvaluation(c, build_diffusion(c), device, image_dir, report)
+    evaluation = ToyEvaluation(c, build_diffusion(c, DECODER), device, image_dir, report)
     callback = ToyEvalCallback(evaluation, c)
     with StopFlag() as stop:
         trainer = _build_trainer(c, device, folder, callback, stop)

@@ -23,7 +23,9 @@ from typing import Any, Callable
 
 import torch
 
+from ddpmkit.build import build_diffusion
 from ddpmkit.checkpoints.files import load_checkpoint
+from ddpmkit.config.toy_schema import toy_default
 from ddpmkit.data.toy import (
     make_toy_data,
     toy_generator,
@@ -49,21 +51,17 @@ MUST_MATCH_ON_RESUME = ("dataset", "timesteps", "beta_schedule", "beta_start", "
                         "model_mean_type", "model_var_type", "loss_type", "mid_features",
                         "num_temporal_layers", "fourier_features", "fourier_scale",
                         "class_cond", "loss_weight", "min_snr_gamma", "zero_terminal_snr")
-# Settings newer than some checkpoints, with the value that reproduces what those computed.
-ADDED_LATER = {"class_cond": False, "class_dropout": 0.1, "guidance_scale": None,
-               "loss_weight": "uniform", "min_snr_gamma": 5.0, "zero_terminal_snr": False}
+# Settings newer than some checkpoints, with the value that reproduces what those computed:
+# their defaults (a test holds the diffusion ones equal to the image schema's, which
+# `build.build_diffusion` fills in for a toy checkpoint's dict that lacks them).
+ADDED_LATER = {name: toy_default(name) for name in (
+    "class_cond", "class_dropout", "guidance_scale", "loss_weight", "min_snr_gamma",
+    "zero_terminal_snr")}
+# The likelihood of the toy data: 2-D points are continuous (`build.build_diffusion(c, DECODER)`
+# takes a toy run's flat dict: it reads the diffusion keys and ignores the others).
+DECODER = "continuous"
 # The evaluation plots `epoch_NNNN.png` and animation `train.<fmt>` in the image folder.
 TOY_IMAGE_RE = re.compile(r"^(epoch_\d+\.png|train\.(gif|webp))$")
-
-
-def build_diffusion(c: dict[str, Any]):
-    """The run's GaussianDiffusion (continuous decoder); settings a checkpoint predates take
-    their `ADDED_LATER` values."""
-    from ddpmkit.build import DIFFUSION_DEFAULTS
-    from ddpmkit.build import build_diffusion as build
-
-    return build({k: {**ADDED_LATER, **c}[k] for k in DIFFUSION_DEFAULTS},
-                 decoder="continuous")
 
 
 def num_classes(c: dict[str, Any]) -> int | None:
@@ -234,7 +232,7 @@ def load_toy_model(path: str, device: Any = "cpu", use_ema: bool = True):
     c = state.get("config")
     if not isinstance(c, dict) or "mid_features" not in c:
         raise UserError(f"{path} is not a train-toy checkpoint (its config has no toy network)")
-    model = build_model(c, build_diffusion(c))
+    model = build_model(c, build_diffusion(c, DECODER))
     ema = state.get("ema")
     model.load_state_dict(ema["shadow"] if use_ema and ema else state["model"])
     return model.to(device).eval(), c
