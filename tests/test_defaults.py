@@ -23,10 +23,13 @@ def test_library_fallbacks_are_the_schema_defaults(section, fallbacks):
 
 
 def test_training_reads_missing_eval_keys_from_the_schema():
+    from ddpmkit.config import DatasetCfg, EvalCfg
     from ddpmkit.training.eval_callback import FIDCallback
 
     config = {"dataset": {"name": "cifar10"}}  # an old config: no eval section at all
-    callback = FIDCallback(config, None, (3, 8, 8), torch.device("cpu"))
+    callback = FIDCallback(EvalCfg.from_dict(config.get("eval")),
+                           DatasetCfg.from_dict(config["dataset"]), None, (3, 8, 8),
+                           torch.device("cpu"))
     ev = schema.SCHEMA["eval"]
     assert callback.skip_schedule == ev["skip_schedule"].default == "quadratic"
     assert (callback.total, callback.batch) == (ev["total_size"].default,

@@ -180,7 +180,7 @@ def _callbacks(config: ImageRunConfig, options, diffusion, device, folder: RunFo
     if ev.enabled:
         from ddpmkit.training.eval_callback import FIDCallback
 
-        callbacks.append(FIDCallback(config.to_dict(), diffusion, shape, device,
+        callbacks.append(FIDCallback(ev, ds, diffusion, shape, device,
                                      inception_weights=options.get("inception_weights"),
                                      precomputed_dir=options.get("precomputed_dir"),
                                      eval_device=options.get("eval_device")))

@@ -9,12 +9,12 @@ starts, not after the first epochs.
 """
 
 import logging
-from typing import Any, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ddpmkit.config import schema
+from ddpmkit.config.run import DatasetCfg, EvalCfg
 from ddpmkit.runtime.devices import resolve_device
 from ddpmkit.training.trainer import Callback, Trainer
 
@@ -24,20 +24,22 @@ EVAL_SEED = 0  # the same sample noise at every evaluation, so scores differ onl
 
 
 class FIDCallback(Callback):
-    def __init__(self, config: Dict[str, Any], diffusion, shape: Sequence[int],
+    """Evaluations as the run's `eval` section asks, against the reference statistics of its
+    training set (`dataset`: its name and root)."""
+
+    def __init__(self, ev: EvalCfg, dataset: DatasetCfg, diffusion, shape: Sequence[int],
                  device: torch.device, inception_weights: Optional[str] = None,
                  precomputed_dir: Optional[str] = None, eval_device: Optional[str] = None):
-        ev = schema.section_with_defaults(config, "eval")
-        self.every = int(ev.get("intv") or 0)
-        self.total = int(ev["total_size"])
-        self.batch = int(ev["batch_size"])
-        self.sampler_name = schema.eval_sampler_name(ev)
-        self.steps = int(ev.get("subseq_size") or 0) or None
-        self.skip_schedule = ev["skip_schedule"]
-        self.guidance_scale = float(ev["guidance_scale"])
+        self.every = int(ev.intv or 0)
+        self.total = int(ev.total_size)
+        self.batch = int(ev.batch_size)
+        self.sampler_name = ev.sampler_name
+        self.steps = int(ev.subseq_size or 0) or None
+        self.skip_schedule = ev.skip_schedule
+        self.guidance_scale = float(ev.guidance_scale)
         self.metrics = ("fid", "pr")
         self.diffusion, self.shape = diffusion, tuple(shape)
-        self.dataset = config["dataset"]
+        self.dataset = dataset
         self.weights = inception_weights
         self.precomputed_dir = precomputed_dir or "./precomputed"
         self.device = device if eval_device in (None, "auto") else resolve_device(eval_device)
@@ -51,7 +53,7 @@ class FIDCallback(Callback):
         self.inception = load_fid_inception(self.weights, device=self.device)
         if trainer.is_main:
             self.ref_stats = dataset_reference_stats(
-                self.inception, self.dataset["name"], self.dataset["root"],
+                self.inception, self.dataset.name, self.dataset.root,
                 self.precomputed_dir, split="train", progress=True)
 
     def evaluate(self, trainer: Trainer) -> Optional[Dict[str, float]]:
