@@ -138,3 +138,24 @@ def test_a_toy_checkpoint_without_the_newer_keys_gets_what_it_trained_with():
     assert {k: v for k, v in ADDED_LATER.items() if k in image} == {
         "loss_weight": "uniform", "min_snr_gamma": 5.0, "zero_terminal_snr": False}
     assert all(image[k] == v for k, v in ADDED_LATER.items() if k in image)
+
+
+def test_toy_and_image_settings_reach_the_trainer_through_one_mapping(tmp_path):
+    from ddpmkit.config import TrainCfg
+    from ddpmkit.recipes.common import trainer_options
+    from ddpmkit.recipes.toy import train_settings
+    from ddpmkit.training.run_folder import RunFolder
+
+    folder = RunFolder(str(tmp_path), "ddpm_x", {})
+    toy = ToyRunConfig(lr_warmup=2, grad_clip=0.5, ema_decay=0.0, log_every=7,
+                       class_cond=True, class_dropout=0.2).to_dict()
+    got = trainer_options(train_settings(toy, batches_per_epoch=30), folder, [], toy, None)
+    assert (got["warmup_steps"], got["grad_clip"], got["ema_decay"], got["log_every"],
+            got["class_dropout"], got["optimizer"], got["chkpt_prefix"]) == (
+        60, 0.5, None, 7, 0.2, "adam", "ddpm_x")
+    assert got["callbacks"] == [folder] and got["config"] is toy
+    image = TrainCfg(use_ema=True, ema_decay=0.99, warmup=5, grad_norm=1.0, log_intv=3,
+                     weight_decay=0.1, class_dropout=0.3)
+    got = trainer_options(image, folder, [], {}, None)
+    assert (got["warmup_steps"], got["grad_clip"], got["ema_decay"], got["log_every"],
+            got["class_dropout"], got["optimizer"]) == (5, 1.0, 0.99, 3, 0.0, "adamw")

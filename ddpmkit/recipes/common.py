@@ -1,14 +1,54 @@
-"""What every training recipe does the same way: continue from the state its run folder found,
-and turn a stop signal into the exit status and the message that says how to continue."""
+"""What every training recipe does the same way: prepare its run folder, map its training
+settings to the one `Trainer`, continue from the state the folder found, and turn a stop signal
+into the exit status and the message that says how to continue."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
+from ddpmkit.config.run import TrainCfg
 from ddpmkit.errors import signal_name
-from ddpmkit.runtime.stops import exit_code
+from ddpmkit.runtime.stops import StopFlag, exit_code
+from ddpmkit.training.callbacks import Callback
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.trainer import Trainer
+
+
+def prepare_folder(folder: RunFolder, options: Mapping[str, Any],
+                   check_resume: Callable[[dict[str, Any], str], None],
+                   checkpoint_bytes: int = 0, restarted: bool = False) -> RunFolder:
+    """The run's files, checked before any work (writable, `checkpoint_bytes` free) and by the
+    rules of `RunFolder.prepare`: the resume point (`folder.resumed`), or a folder free of
+    saved progress. `options`: resume, chkpt_path, overwrite, auto_resume (plain values);
+    `restarted`: an elastic restart, which resumes from the newest checkpoint."""
+    folder.preflight(checkpoint_bytes)
+    overwrite = bool(options.get("overwrite"))
+    if restarted and overwrite and not folder.holds_config(folder.config):
+        # The first attempt died before it replaced the old run: replace it now.
+        folder.check_new_run(overwrite=True)
+        return folder
+    folder.prepare(bool(options.get("resume")), options.get("chkpt_path"), overwrite,
+                   check_resume, auto_resume=bool(options.get("auto_resume")) or restarted)
+    return folder
+
+
+def trainer_options(tr: TrainCfg, folder: RunFolder, callbacks: Sequence[Callback],
+                    config: dict[str, Any], stop: StopFlag) -> dict[str, Any]:
+    """The `Trainer` keyword arguments that come from a run's training settings and its run
+    folder: the one place config names become the trainer's (`grad_norm` -> `grad_clip`,
+    `warmup` -> `warmup_steps`, `use_ema` + `ema_decay` -> `ema_decay` or None, `log_intv` ->
+    `log_every`, ...). `config`: what the checkpoints store."""
+    return dict(
+        epochs=tr.epochs, lr=tr.lr, betas=(tr.beta1, tr.beta2), weight_decay=tr.weight_decay,
+        optimizer="adamw" if tr.weight_decay > 0 else "adam", warmup_steps=tr.warmup,
+        grad_clip=float(tr.grad_norm or 0.0), num_accum=tr.num_accum,
+        ema_decay=float(tr.ema_decay) if tr.use_ema else None, seed=tr.seed,
+        chkpt_dir=folder.folder, chkpt_prefix=folder.files.prefix, chkpt_intv=tr.chkpt_intv,
+        chkpt_intv_steps=tr.chkpt_every_steps or 0,
+        chkpt_every_minutes=float(tr.chkpt_every_minutes or 0.0), save_final=True,
+        log_path=folder.log_path, log_every=tr.log_intv, callbacks=[folder, *callbacks],
+        config=config, stop=stop,
+        class_dropout=float(tr.class_dropout) if tr.class_cond else 0.0)
 
 
 def resume_from(trainer: Trainer, folder: RunFolder, report: Callable[[str], None]) -> None:

@@ -22,7 +22,7 @@ from ddpmkit.config.facts import checkpoint_folder, elastic_restart, read_image_
 from ddpmkit.config.run import DatasetCfg, ImageRunConfig, plain_value
 from ddpmkit.config.schema import size_hw
 from ddpmkit.errors import UserError
-from ddpmkit.recipes.common import resume_from, stop_exit_code
+from ddpmkit.recipes.common import prepare_folder, resume_from, stop_exit_code, trainer_options
 from ddpmkit.runtime import distributed as dist_utils
 from ddpmkit.runtime.devices import autocast_dtype, compile_mode, compile_module, resolve_precision
 from ddpmkit.runtime.stops import StopFlag
@@ -92,22 +92,14 @@ def prepare_run(config: ImageRunConfig, options: Dict[str, Any]) -> RunFolder:
     """The run folder, checked before any work: writable, and resumable or free (see
     `RunFolder`); loads the resume state (into `folder.resumed`)."""
     dirs, saved = run_dirs(config), config.to_dict()
-    folder = RunFolder(dirs["chkpt"], config.run.chkpt_name, saved, dirs["images"])
-    folder.preflight(checkpoint_bytes(config))
     precomputed = os.path.expanduser(options.get("precomputed_dir") or "")
     if config.eval.enabled and precomputed \
             and not os.path.isdir(precomputed):  # FID's reference statistics are cached there
         check_writable_folder(precomputed, "--precomputed-dir")
-    restarted = elastic_restart()
-    if restarted and options.get("overwrite") and not folder.holds_config(saved):
-        # The first attempt died before it replaced the old run: replace it now.
-        folder.check_new_run(overwrite=True)
-        return folder
-    folder.prepare(bool(options.get("resume")), options.get("chkpt_path"),
-                   bool(options.get("overwrite")),
-                   lambda state, path: _check_same_architecture(state, saved, path),
-                   auto_resume=bool(options.get("auto_resume")) or restarted)
-    return folder
+    folder = RunFolder(dirs["chkpt"], config.run.chkpt_name, saved, dirs["images"])
+    return prepare_folder(folder, options,
+                          lambda state, path: _check_same_architecture(state, saved, path),
+                          checkpoint_bytes(config), restarted=elastic_restart())
 
 
 def _folder_options(ds: DatasetCfg, folder: RunFolder):
@@ -167,14 +159,15 @@ def _build_model(config: ImageRunConfig, info, device):
 
 def _callbacks(config: ImageRunConfig, options, diffusion, device, folder: RunFolder,
                loader) -> Tuple[List[Callback], SampleGrid]:
-    """The run's callbacks, and among them its sample grid (`_finish` saves a last one)."""
+    """The run's callbacks besides its folder, and among them its sample grid (`_finish`
+    saves a last one)."""
     tr, ds, ev = config.train, config.dataset, config.eval
     shape = (ds.channels, *size_hw(ds.resolution))
     grid = SampleGrid(diffusion, shape, run_dirs(config)["images"], every=tr.image_intv,
                       num=tr.num_samples, seed=tr.seed + GRID_SEED_OFFSET,
                       sampler_name=ev.sampler_name, steps=ev.subseq_size or None,
                       skip_schedule=ev.skip_schedule, guidance_scale=float(ev.guidance_scale))
-    callbacks: List[Callback] = [folder, grid]
+    callbacks: List[Callback] = [grid]
     if ds.name == "folder":
         callbacks.append(ImageListFile(folder.folder, [str(f) for f in loader.dataset.files]))
     if ev.enabled:
@@ -191,28 +184,16 @@ def _build_trainer(config: ImageRunConfig, info, device, loader, micro, diffusio
                    folder: RunFolder, callbacks: List[Callback], stop: StopFlag) -> ImageTrainer:
     tr = config.train
     return ImageTrainer(
-        net, diffusion, loader, epochs=tr.epochs, lr=tr.lr, betas=(tr.beta1, tr.beta2),
-        weight_decay=tr.weight_decay, optimizer="adamw" if tr.weight_decay > 0 else "adam",
+        net, diffusion, loader, **trainer_options(tr, folder, callbacks, config.to_dict(), stop),
         # Fused Adam: one kernel for all parameters on CUDA; on the CPU 1.06-1.13x faster steps
         # than the per-parameter loop (CIFAR-10 UNet, batch 8, bf16, one thread).
-        fused=True,
-        warmup_steps=tr.warmup, grad_clip=float(tr.grad_norm or 0.0), num_accum=tr.num_accum,
-        ema_decay=float(tr.ema_decay) if tr.use_ema else None,
-        device=device, seed=tr.seed, chkpt_dir=folder.folder,
-        chkpt_prefix=config.run.chkpt_name, chkpt_intv=tr.chkpt_intv,
-        chkpt_intv_steps=tr.chkpt_every_steps or 0,
-        chkpt_every_minutes=float(tr.chkpt_every_minutes or 0.0), save_final=True,
-        log_path=folder.log_path, log_every=tr.log_intv,
-        tensorboard_dir=folder.tensorboard_dir, progress=True,
-        callbacks=callbacks,
-        config=config.to_dict(),
+        fused=True, device=device, tensorboard_dir=folder.tensorboard_dir, progress=True,
         is_main=info.is_main, rank=info.rank, world_size=info.world_size,
-        control_group=dist_utils.control_group(), stop=stop,
+        control_group=dist_utils.control_group(),
         amp_dtype=autocast_dtype(tr.precision or "fp32"),
         throughput_key="img_per_s", random_flip=bool(config.dataset.random_flip),
         global_batch=tr.batch_size, micro_batch=micro,
-        channels_last=bool(tr.channels_last),
-        class_dropout=float(tr.class_dropout) if tr.class_cond else 0.0)
+        channels_last=bool(tr.channels_last))
 
 
 def train_worker(config: ImageRunConfig, options: Dict[str, Any]) -> int:

@@ -15,10 +15,11 @@ from typing import Any, Callable
 import torch
 
 from ddpmkit.build import build_diffusion
+from ddpmkit.config.run import TrainCfg
 from ddpmkit.config.toy import ToyRunConfig
 from ddpmkit.data.toy import TensorBatches, make_labeled_toy_data, toy_generator
 from ddpmkit.errors import UserError
-from ddpmkit.recipes.common import resume_from, stop_exit_code
+from ddpmkit.recipes.common import prepare_folder, resume_from, stop_exit_code, trainer_options
 from ddpmkit.runtime.stops import StopFlag
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.toy import (
@@ -47,19 +48,31 @@ def check_resume_config(saved: dict[str, Any], c: dict[str, Any], path: str) -> 
                         "settings to resume it")
 
 
-def prepare_folder(c: dict[str, Any], image_dir: str) -> RunFolder:
-    """The run's files (checked, nothing written yet): the resume point, or a folder free of
-    saved progress, by the rules of `train` (`RunFolder.prepare`)."""
+def toy_folder(c: dict[str, Any], image_dir: str) -> RunFolder:
+    """The run's files (checked, nothing written yet) by the rules of `train`
+    (`recipes.common.prepare_folder`), with the reference's file names."""
     name = c["dataset"]
     folder = RunFolder(c["chkpt_dir"], f"ddpm_{name}", c, image_dir,
                        config_name=f"ddpm_{name}_config.json", log_name=f"ddpm_{name}_log.jsonl",
                        image_pattern=TOY_IMAGE_RE, elsewhere="another --chkpt-dir",
                        start_fresh="run without --resume to start a new run")
-    folder.preflight()
-    folder.prepare(c["resume"], os.path.expanduser(c["chkpt_path"]) if c["chkpt_path"] else None,
-                   bool(c.get("overwrite")),
-                   lambda state, path: check_resume_config(state.get("config") or {}, c, path))
-    return folder
+    options = {"resume": c["resume"], "overwrite": c["overwrite"],
+               "chkpt_path": os.path.expanduser(c["chkpt_path"]) if c["chkpt_path"] else None}
+    return prepare_folder(folder, options, lambda state, path: check_resume_config(
+        state.get("config") or {}, c, path))
+
+
+def train_settings(c: dict[str, Any], batches_per_epoch: int) -> TrainCfg:
+    """The toy flags (the reference's spellings) as the training settings every recipe hands
+    the trainer: one key per concept (`--lr-warmup` epochs -> `warmup` updates, `--grad-clip`
+    -> `grad_norm`, `--ema-decay` 0 -> no EMA, `--log-every` -> `log_intv`)."""
+    return TrainCfg(epochs=c["epochs"], lr=c["lr"], beta1=c["beta1"], beta2=c["beta2"],
+                    batch_size=c["batch_size"], warmup=c["lr_warmup"] * batches_per_epoch,
+                    grad_norm=c["grad_clip"], use_ema=c["ema_decay"] > 0,
+                    ema_decay=c["ema_decay"], chkpt_intv=c["chkpt_intv"],
+                    chkpt_every_minutes=c["chkpt_every_minutes"], chkpt_every_steps=0,
+                    log_intv=c["log_every"], seed=c["seed"], class_cond=c["class_cond"],
+                    class_dropout=c["class_dropout"])
 
 
 def _build_trainer(c: dict[str, Any], device, folder: RunFolder, callback: ToyEvalCallback,
@@ -74,16 +87,9 @@ def _build_trainer(c: dict[str, Any], device, folder: RunFolder, callback: ToyEv
                             labels=None if labels is None else labels.to(device))
     diffusion = callback.evaluation.diffusion
     model = build_model(c, diffusion).to(device)
-    return Trainer(
-        model, diffusion, batches, epochs=c["epochs"], lr=c["lr"],
-        betas=(c["beta1"], c["beta2"]), warmup_steps=c["lr_warmup"] * len(batches),
-        lr_decay=c["lr_decay"], grad_clip=c["grad_clip"], ema_decay=c["ema_decay"] or None,
-        device=device, seed=c["seed"], chkpt_dir=folder.folder,
-        chkpt_prefix=folder.files.prefix, chkpt_intv=c["chkpt_intv"],
-        chkpt_every_minutes=c["chkpt_every_minutes"], save_final=True,
-        log_path=folder.log_path, log_every=c["log_every"], progress=not c["no_progress"],
-        callbacks=[folder, callback], config=c, stop=stop,
-        class_dropout=c.get("class_dropout", 0.0) if c.get("class_cond") else 0.0)
+    options = trainer_options(train_settings(c, len(batches)), folder, [callback], c, stop)
+    return Trainer(model, diffusion, batches, **options, lr_decay=c["lr_decay"], device=device,
+                   progress=not c["no_progress"])
 
 
 def train_toy(config: ToyRunConfig | dict[str, Any],
@@ -101,7 +107,7 @@ def train_toy(config: ToyRunConfig | dict[str, Any],
                             chkpt_dir=os.path.expanduser(config.chkpt_dir))
     c = config.to_dict()  # the flat dict the run's helpers read and its checkpoints store
     image_dir = os.path.join(os.path.expanduser(c["image_dir"]), c["dataset"])
-    folder = prepare_folder(c, image_dir)
+    folder = toy_folder(c, image_dir)
     report("config: " + json.dumps({k: c[k] for k in sorted(c)}))
     evaluation = ToyEvaluation(c, build_diffusion(c, DECODER), device, image_dir, report)
     callback = ToyEvalCallback(evaluation, c)
