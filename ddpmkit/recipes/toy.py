@@ -1,7 +1,8 @@
 """The toy recipe: 2-D points -> `ToyMLP` -> `Trainer`, with the toy evaluation
 (`training.toy.ToyEvaluation`) as its callback; `train_toy(config)` is what `ddpmkit train-toy`
-calls. Its run folder follows `train`'s rules (`RunFolder`); resume and stop handling are
-`recipes.common`'s.
+calls. Its flags become the training settings every recipe hands the trainer
+(`train_settings`); folder preparation by `train`'s rules, the trainer's arguments, resume and
+stop handling are `recipes.common`'s.
 """
 
 from __future__ import annotations
