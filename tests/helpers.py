@@ -131,3 +131,26 @@ def one_line_error(capsys, code, *needles):
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def toy_trainer(tmp_path, trainer_cls=None, init_seed=0, **kwargs):
+    """A tiny toy Trainer (gaussian8, T = 20, 4 epochs of 5 updates in 2 micro-batches, EMA,
+    warmup, cosine decay, clipping) writing into tmp_path; kwargs override its options."""
+    import torch
+
+    from ddpmkit.data.toy import TensorBatches, make_toy_data, toy_generator
+    from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule
+    from ddpmkit.models.toy import ToyMLP
+    from ddpmkit.training.trainer import Trainer
+
+    torch.manual_seed(init_seed)
+    model = ToyMLP(2, 16, 2)
+    diffusion = GaussianDiffusion(get_beta_schedule("linear", 20, 1e-3, 0.2), "eps",
+                                  "fixed-small", "mse", decoder="continuous")
+    data = TensorBatches(make_toy_data("gaussian8", 80, toy_generator(0)), 16, seed=5)
+    options = dict(epochs=4, lr=1e-3, warmup_steps=3, lr_decay="cosine", grad_clip=1.0,
+                   num_accum=2, ema_decay=0.9, seed=11, chkpt_dir=str(tmp_path),
+                   chkpt_prefix="c", progress=False, log_every=2,
+                   log_path=str(tmp_path / "log.jsonl"))
+    options.update(kwargs)
+    return (trainer_cls or Trainer)(model, diffusion, data, **options)

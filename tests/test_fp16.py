@@ -7,11 +7,8 @@ import logging
 
 import pytest
 import torch
-from helpers import TINY, final_state, run_args, same_tensors, write_fake_cifar
+from helpers import TINY, final_state, run_args, same_tensors, toy_trainer, write_fake_cifar
 
-from ddpmkit.data.toy import TensorBatches, make_toy_data, toy_generator
-from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule
-from ddpmkit.models.toy import ToyMLP
 from ddpmkit.runtime import devices
 from ddpmkit.training.trainer import MAX_SKIPS_IN_A_ROW, NonFiniteLossError, Trainer
 
@@ -30,17 +27,8 @@ class Overflowing(Trainer):
 
 
 def _fp16_trainer(tmp_path, init_seed=0, inf_steps=(), growth_interval=3, **kwargs):
-    torch.manual_seed(init_seed)
-    model = ToyMLP(2, 16, 2)
-    diffusion = GaussianDiffusion(get_beta_schedule("linear", 20, 1e-3, 0.2), "eps",
-                                  "fixed-small", "mse", decoder="continuous")
-    data = TensorBatches(make_toy_data("gaussian8", 80, toy_generator(0)), 16, seed=5)
-    options = dict(epochs=4, lr=1e-3, warmup_steps=3, lr_decay="cosine", grad_clip=1.0,
-                   num_accum=2, ema_decay=0.9, seed=11, chkpt_dir=str(tmp_path),
-                   chkpt_prefix="c", progress=False, log_every=1,
-                   log_path=str(tmp_path / "log.jsonl"), amp_dtype=torch.float16)
-    options.update(kwargs)
-    trainer = Overflowing(model, diffusion, data, **options)
+    options = {"log_every": 1, "amp_dtype": torch.float16, **kwargs}
+    trainer = toy_trainer(tmp_path, Overflowing, init_seed, **options)
     trainer.inf_steps = frozenset(inf_steps)
     # A short growth interval, so the scale also grows within the test and the growth
     # tracker is part of what a resume must restore.

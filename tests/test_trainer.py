@@ -6,28 +6,18 @@ import os
 
 import pytest
 import torch
+from helpers import toy_trainer
 from torch import nn
 
 from ddpmkit.checkpoints.files import load_checkpoint
 from ddpmkit.data.toy import TensorBatches, make_toy_data, toy_generator
-from ddpmkit.diffusion import GaussianDiffusion, get_beta_schedule
 from ddpmkit.models.toy import ToyMLP
 from ddpmkit.training.ema import EMA
 from ddpmkit.training.trainer import NonFiniteLossError, Trainer, lr_factor, unwrap
 
 
 def _setup(tmp_path, init_seed=0, **kwargs):
-    torch.manual_seed(init_seed)
-    model = ToyMLP(2, 16, 2)
-    diffusion = GaussianDiffusion(get_beta_schedule("linear", 20, 1e-3, 0.2), "eps",
-                                  "fixed-small", "mse", decoder="continuous")
-    data = TensorBatches(make_toy_data("gaussian8", 80, toy_generator(0)), 16, seed=5)
-    options = dict(epochs=4, lr=1e-3, warmup_steps=3, lr_decay="cosine", grad_clip=1.0,
-                   num_accum=2, ema_decay=0.9, seed=11, chkpt_dir=str(tmp_path),
-                   chkpt_prefix="c", progress=False, log_every=2,
-                   log_path=str(tmp_path / "log.jsonl"))
-    options.update(kwargs)
-    return Trainer(model, diffusion, data, **options)
+    return toy_trainer(tmp_path, init_seed=init_seed, **kwargs)
 
 
 def _assert_same_state(a: Trainer, b: Trainer):
