@@ -163,6 +163,4 @@ def test_mnist_samplers_table_has_every_sampler_at_each_nfe(bench, tmp_path, cap
     assert [r[:3] for r in rows] == [
         [name, str(s), str(2 * s - 1 if name == "heun" else s)]
         for name in SAMPLERS for s in steps.get(name, (4, 6))]
-    shares = [float(r[3].rstrip("%")) for r in rows]
-    assert all(100 * k / 3 == pytest.approx(v, abs=0.05) for v in shares
-               for k in [round(3 * v / 100)])  # a share of 3 samples
+    assert {r[3] for r in rows} <= {"0.0%", "33.3%", "66.7%", "100.0%"}  # k of 3 samples
