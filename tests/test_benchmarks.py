@@ -155,7 +155,8 @@ def test_mnist_samplers_table_has_every_sampler_at_each_nfe(bench, tmp_path, cap
     save_checkpoint({"model": model.state_dict(), "config": config, "step": 1, "epoch": 1}, path)
 
     assert mnist_samplers.main(["--chkpt-path", path, "--root", str(tmp_path), "--num-samples",
-                                "3", "--nfe", "4", "6", "--raw-weights"]) == 0
+                                "3", "--nfe", "4", "6", "--raw-weights",
+                                "--precision", "fp32"]) == 0
     rows = [[c.strip() for c in line.split("|")[1:-1]]
             for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and "sampler" not in line]
