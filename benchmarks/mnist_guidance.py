@@ -70,16 +70,17 @@ def load_digit_model(chkpt_path: str, raw_weights: bool):
     return model, config, build_diffusion(config["diffusion"])
 
 
-def sample_and_read(diffusion, model, config, sampler, classifier, count: int, w: float,
+def sample_and_read(diffusion, net, config, sampler, classifier, count: int, w: float,
                     seed: int) -> tuple[torch.Tensor, float]:
     """(samples 0..count-1 asking for digit i mod 10, as x_0 (count, 1, H, W); the share the
-    classifier reads as the digit asked for)."""
+    classifier reads as the digit asked for). `net(x_t, t, y)`: the network, or a
+    `make_denoise_fn` of it."""
     from ddpmkit.models.loading import image_shape
     from ddpmkit.sampling import Guidance, class_labels, sample_indexed
     from ddpmkit.utils.images import to_uint8
 
     asked = torch.tensor(class_labels(10).of(range(count)))
-    guidance = Guidance(model, class_labels(10), w, diffusion.model_var_type == "learned")
+    guidance = Guidance(net, class_labels(10), w, diffusion.model_var_type == "learned")
     with torch.no_grad():
         x = sample_indexed(diffusion, guidance, sampler, range(count), image_shape(config),
                            seed, "cpu")

@@ -11,9 +11,9 @@ The network runs in generate's precision (--precision auto: bf16 on CPUs with na
 Prints a Markdown table: sampler, steps, NFE (guided denoiser calls per sample; each is one
 batched pass of the conditional and the unconditional input), the share of samples the
 classifier reads as the digit asked for, and the wall time. Heun costs 2 S - 1 calls for S
-steps, so it gets the most steps that fit (5 and 10 steps for NFE 9 and 19). `ddpm` here is
-DDIM with eta = 1 on the same sub-sequence (DDPM's fixed-small steps, respaced); `generate
---sampler ddpm` itself always runs all T steps.
+steps, so it gets the most steps that fit (5 and 10 steps for NFE 9 and 19). Each sampler
+uses its default step spacing; `ddpm` here is DDIM with eta = 1 on DDIM's (DDPM's fixed-small
+steps, respaced); `generate --sampler ddpm` itself always runs all T steps.
 """
 
 from __future__ import annotations
