@@ -59,38 +59,55 @@ def pixel_classifier(root: str, split: str) -> tuple[torch.nn.Module, float]:
     return model.eval(), accuracy
 
 
-def main(argv=None) -> None:
+def load_digit_model(chkpt_path: str, raw_weights: bool):
+    """(10-class conditional network, its config, its diffusion) from a checkpoint."""
     from ddpmkit.build import build_diffusion
-    from ddpmkit.diffusion import make_sampler
     from ddpmkit.interop.sources import load_model_from_checkpoint
+
+    model, config = load_model_from_checkpoint(chkpt_path, use_ema=not raw_weights)
+    if model.num_classes != 10:
+        raise SystemExit(f"{chkpt_path} is not a 10-class conditional model")
+    return model, config, build_diffusion(config["diffusion"])
+
+
+def sample_and_read(diffusion, net, config, sampler, classifier, count: int, w: float,
+                    seed: int) -> tuple[torch.Tensor, float]:
+    """(samples 0..count-1 asking for digit i mod 10, as x_0 (count, 1, H, W); the share the
+    classifier reads as the digit asked for). `net(x_t, t, y)`: the network, or a
+    `make_denoise_fn` of it."""
     from ddpmkit.models.loading import image_shape
-    from ddpmkit.sampling import Guidance, class_grid_indices, class_labels, sample_indexed
+    from ddpmkit.sampling import Guidance, class_labels, sample_indexed
+    from ddpmkit.utils.images import to_uint8
+
+    asked = torch.tensor(class_labels(10).of(range(count)))
+    guidance = Guidance(net, class_labels(10), w, diffusion.model_var_type == "learned")
+    with torch.no_grad():
+        x = sample_indexed(diffusion, guidance, sampler, range(count), image_shape(config),
+                           seed, "cpu")
+        # Through uint8, as the PNGs are: what the classifier sees is what a file holds.
+        pixels = torch.from_numpy(to_uint8(x)).float().flatten(1) / 127.5 - 1
+        read = classifier(pixels).argmax(1)
+    return x, float((read == asked).double().mean())
+
+
+def main(argv=None) -> None:
+    from ddpmkit.diffusion import make_sampler
+    from ddpmkit.sampling import class_grid_indices
     from ddpmkit.utils.images import save_grid, to_uint8
 
     args = parse_args(argv)
-    model, config = load_model_from_checkpoint(args.chkpt_path, use_ema=not args.raw_weights)
-    if model.num_classes != 10:
-        raise SystemExit(f"{args.chkpt_path} is not a 10-class conditional model")
-    diffusion = build_diffusion(config["diffusion"])
+    model, config, diffusion = load_digit_model(args.chkpt_path, args.raw_weights)
     sampler = make_sampler(diffusion, "ddim", steps=args.steps)
     classifier, accuracy = pixel_classifier(os.path.expanduser(args.root), args.split)
     count = 10 * args.per_class
     indices, cols = class_grid_indices(10, count, count)
-    asked = torch.tensor(class_labels(10).of(range(count)))
     print(f"| w | read as the digit asked for | seconds |  (classifier on real digits: "
           f"{100 * accuracy:.1f}%)")
     print("|---:|---:|---:|")
     for w in (float(v) for v in args.scales.split(",")):
         start = time.perf_counter()
-        guidance = Guidance(model, class_labels(10), w,
-                            diffusion.model_var_type == "learned")
-        with torch.no_grad():
-            x = sample_indexed(diffusion, guidance, sampler, range(count), image_shape(config),
-                               args.seed, "cpu")
-            # Through uint8, as the PNGs are: what the classifier sees is what a file holds.
-            pixels = torch.from_numpy(to_uint8(x)).float().flatten(1) / 127.5 - 1
-            read = classifier(pixels).argmax(1)
-        share = float((read == asked).double().mean())
+        x, share = sample_and_read(diffusion, model, config, sampler, classifier, count, w,
+                                   args.seed)
         seconds = time.perf_counter() - start
         print(f"| {w:g} | {100 * share:.0f}% | {seconds:.0f} |", flush=True)
         if args.out_dir:

@@ -127,3 +127,41 @@ def test_folder_loading_compares_with_torchvision(bench, tmp_path, capsys):
                                 "--workers", "0", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "cached start (stat only)" in out and "| 0 |" in out and "x |" in out
+
+
+def test_mnist_samplers_table_has_every_sampler_at_each_nfe(bench, tmp_path, capsys):
+    import mnist_samplers
+    import numpy as np
+    import torch
+    from helpers import randomize_
+    from test_data_images import write_mnist
+
+    from ddpmkit.checkpoints.files import save_checkpoint
+    from ddpmkit.choices import SAMPLERS
+    from ddpmkit.models.loading import build_from_config
+
+    rng = np.random.default_rng(0)  # a fake MNIST test split for the classifier
+    write_mnist(tmp_path / "mnist", "t10k", rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
+                np.arange(30, dtype=np.uint8) % 10, gz=True)
+    config = tiny_config()
+    config["dataset"] = {"name": "mnist", "resolution": 32, "channels": 1,
+                         "class_names": [str(k) for k in range(10)]}
+    config["diffusion"]["timesteps"] = 20
+    config["model"].update(in_channels=1, num_classes=10, apply_attn=[False, False])
+    torch.manual_seed(0)
+    model, _ = build_from_config(config)
+    randomize_(model, seed=1)
+    path = str(tmp_path / "cond.pt")
+    save_checkpoint({"model": model.state_dict(), "config": config, "step": 1, "epoch": 1}, path)
+
+    assert mnist_samplers.main(["--chkpt-path", path, "--root", str(tmp_path), "--num-samples",
+                                "3", "--nfe", "4", "6", "--raw-weights",
+                                "--precision", "fp32"]) == 0
+    rows = [[c.strip() for c in line.split("|")[1:-1]]
+            for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "sampler" not in line]
+    steps = {"heun": (2, 3)}  # the most steps within the budget: 2 S - 1 <= NFE
+    assert [r[:3] for r in rows] == [
+        [name, str(s), str(2 * s - 1 if name == "heun" else s)]
+        for name in SAMPLERS for s in steps.get(name, (4, 6))]
+    assert {r[3] for r in rows} <= {"0.0%", "33.3%", "66.7%", "100.0%"}  # k of 3 samples
