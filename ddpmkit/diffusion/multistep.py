@@ -26,7 +26,7 @@ from typing import Any, List, Optional
 import numpy as np
 import torch
 
-from ddpmkit.diffusion.sampler_utils import predict, solver_points, vp_alpha_sigma, vp_lambda
+from ddpmkit.diffusion.sampler_utils import predict, sampler_points, vp_alpha_sigma, vp_lambda
 
 # DPM-Solver++ lowers its order near the end below this many steps (diffusers' default rule:
 # high orders are unstable over the large last steps of short runs).
@@ -73,14 +73,11 @@ class DPMSolverPPSampler:
     def __post_init__(self):
         if self.order not in (2, 3) or (self.sde and self.order != 2):
             raise ValueError(f"DPM-Solver++ has orders 2 and 3 (the SDE order 2), got {self.order}")
-        if self.points is not None:
-            self.timesteps = np.asarray(self.points, dtype=np.int64)
-            self.steps = len(self.timesteps)
-        else:
-            if self.order > 2:
-                _check_steps_for_order("DPM-Solver++", self.steps, self.order)
-            self.timesteps = solver_points(self.T, self.steps, self.skip_schedule,
-                                           self.alphas_bar)
+        if self.points is None and self.order > 2:
+            _check_steps_for_order("DPM-Solver++", self.steps, self.order)
+        self.timesteps = sampler_points(self.points, self.T, self.steps, self.skip_schedule,
+                                        self.alphas_bar)
+        self.steps = len(self.timesteps)
 
     def needs_noise(self, i: int) -> bool:
         return self.sde and i + 1 < len(self.timesteps)
@@ -208,13 +205,11 @@ class UniPCSampler:
     def __post_init__(self):
         if self.order not in (2, 3):
             raise ValueError(f"UniPC has orders 2 and 3 here, got {self.order}")
-        if self.points is not None:
-            self.timesteps = np.asarray(self.points, dtype=np.int64)
-            self.steps = len(self.timesteps)
-        else:
+        if self.points is None:
             _check_steps_for_order("UniPC", self.steps, self.order)
-            self.timesteps = solver_points(self.T, self.steps, self.skip_schedule,
-                                           self.alphas_bar)
+        self.timesteps = sampler_points(self.points, self.T, self.steps, self.skip_schedule,
+                                        self.alphas_bar)
+        self.steps = len(self.timesteps)
 
     def needs_noise(self, i: int) -> bool:
         return False

@@ -53,6 +53,14 @@ def solver_points(T: int, steps: int, kind: str,
     return solver_timesteps(T, steps, kind)[:0:-1].copy()
 
 
+def sampler_points(points: Optional[np.ndarray], T: int, steps: int, kind: str,
+                   alphas_bar: Optional[np.ndarray] = None) -> np.ndarray:
+    """A solver's points: the explicit `points` (int64) when given, else `solver_points`."""
+    if points is not None:
+        return np.asarray(points, dtype=np.int64)
+    return solver_points(T, steps, kind, alphas_bar)
+
+
 def full_t(x: torch.Tensor, step: int) -> torch.Tensor:
     """t as the network takes it: (B,) int64, all `step`."""
     return torch.full((x.shape[0],), int(step), dtype=torch.long, device=x.device)

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ddpmkit.diffusion.sampler_utils import predict, solver_points, vp_alpha_sigma
+from ddpmkit.diffusion.sampler_utils import predict, sampler_points, vp_alpha_sigma
 
 
 def _edm_sigma(diffusion, step: int) -> tuple[float, float]:
@@ -54,11 +54,9 @@ class HeunSampler:
     timesteps: np.ndarray = field(init=False)
 
     def __post_init__(self):
-        if self.points is not None:
-            self.points = np.asarray(self.points, dtype=np.int64)
-            self.steps = len(self.points)
-        else:
-            self.points = solver_points(self.T, self.steps, self.skip_schedule, self.alphas_bar)
+        self.points = sampler_points(self.points, self.T, self.steps, self.skip_schedule,
+                                     self.alphas_bar)
+        self.steps = len(self.points)
         # evaluation i = 0, 2, 4, ...: an Euler step from p_{i/2}; i odd: Heun's correction
         self.timesteps = np.concatenate([self.points[:1], np.repeat(self.points[1:], 2)])
 
@@ -109,12 +107,9 @@ class EulerAncestralSampler:
     timesteps: np.ndarray = field(init=False)
 
     def __post_init__(self):
-        if self.points is not None:
-            self.timesteps = np.asarray(self.points, dtype=np.int64)
-            self.steps = len(self.timesteps)
-        else:
-            self.timesteps = solver_points(self.T, self.steps, self.skip_schedule,
-                                           self.alphas_bar)
+        self.timesteps = sampler_points(self.points, self.T, self.steps, self.skip_schedule,
+                                        self.alphas_bar)
+        self.steps = len(self.timesteps)
 
     def needs_noise(self, i: int) -> bool:
         return i + 1 < len(self.timesteps)
