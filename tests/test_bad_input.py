@@ -5,7 +5,8 @@ whole folder tree before and after). Add a row for every such report.
 The workspace (module-scoped, the working folder of every command) holds a real `train` run
 (`chkpts/cifar10/`), a copy of its checkpoint (`model.pt`), a `train-toy` run with saved
 progress (`chkpts/ddpm_gaussian8_*.pt`), an earlier export with a file of the user's added
-(`exported/`), a folder of the user's files (`mine/`), a binary "config" and fake CIFAR-10.
+(`exported/`), a folder of the user's files (`mine/`), a PNG of the user's named like a sample
+(`shots/cifar10/000000.png`), a binary "config" and fake CIFAR-10.
 """
 
 import hashlib
@@ -59,6 +60,8 @@ def workspace(tmp_path_factory):
         (ws / "mine").mkdir()
         (ws / "mine" / "thesis.tex").write_text("months of work")
         (ws / "mine" / "cifar10_x_grid.png").write_bytes(b"the user's picture")
+        (ws / "shots" / "cifar10").mkdir(parents=True)
+        (ws / "shots" / "cifar10" / "000000.png").write_bytes(b"a photo named like a sample")
         (ws / "notes.txt").write_text("not a model")
         (ws / "binary.json").write_bytes(bytes(range(256)))
     finally:
@@ -101,6 +104,8 @@ ROWS = [
     ([*GENERATE, "--save-dir", "/proc/x"], "--save-dir /proc/x"),
     ([*GENERATE, "--save-dir", "notes.txt/x"], "is a file, not a folder"),
     ([*GENERATE, "--save-dir", "mine", "--suffix", "_x", "--grid"], "not a file ddpmkit wrote"),
+    # sample-named PNGs without a manifest would be counted as done samples
+    ([*GENERATE, "--save-dir", "shots"], "but no generation.json"),
     (["eval", "--dataset", "cifar10", "--sample-folder", "/proc/x/samples", "--metrics", "fid"],
      "/proc"),
     (["eval", "--dataset", "cifar10", "--sample-folder", "mine", "--metrics", "fid",

@@ -73,10 +73,19 @@ def check_manifest(folder: str, settings: dict[str, object], write: bool) -> Non
 
     The folder's `generation.json` records what decides the images (checkpoint hash, sampler,
     steps, eta, seed, ...). A rerun with the same settings resumes; with different ones it is a
-    UserError, since skipping "existing" files would silently mix two sample sets. `write`:
-    create the file when absent (the main process only).
+    UserError, since skipping "existing" files would silently mix two sample sets; so are
+    sample PNGs without a manifest. `write`: create the file when absent (the main process
+    only).
     """
     path = os.path.join(folder, MANIFEST_NAME)
+    # PNGs first, then the manifest: ddpmkit writes the manifest before any sample, so a sample
+    # seen here without a manifest seen after it was not made by a ddpmkit run.
+    samples = existing_samples(folder)
+    if samples and not os.path.isfile(path):
+        raise UserError(
+            f"{folder} holds {len(samples)} sample-named PNG(s) ({SAMPLE_NAME.format(min(samples))}"
+            f", ...) but no {MANIFEST_NAME}, so how they were made is unknown and they would be "
+            "counted as done; use another --suffix / --save-dir, or move them away")
     if os.path.isfile(path):
         try:
             with open(path, "r", encoding="utf-8") as f:
