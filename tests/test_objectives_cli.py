@@ -98,3 +98,22 @@ def test_train_refuses_ill_defined_objectives_and_writes_nothing(cifar_root, tmp
                                                                  flags, needle):
     one_line_error(capsys, _train(cifar_root, tmp_path, *flags), needle)
     assert not (tmp_path / "chkpts").exists() and not (tmp_path / "images").exists()
+
+
+def test_generate_warns_when_the_steps_miss_the_pure_noise_step(cifar_root, tmp_path, caplog):
+    """At zero terminal SNR, DDIM's `linear` steps start at t = T - T/S, where the network never
+    saw pure noise: said once; `trailing` starts at T-1 and is quiet."""
+    assert _train(cifar_root, tmp_path, *OBJECTIVE) == 0
+    path = next((tmp_path / "chkpts" / "run").glob("*.pt"))
+    T = final_state(tmp_path)["config"]["diffusion"]["timesteps"]
+    said = {}
+    for spacing in ("linear", "trailing"):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert generate_main(["--chkpt-path", str(path), "--total-size", "1", "--save-dir",
+                                  str(tmp_path / spacing), "--sampler", "ddim", "--steps", "4",
+                                  "--skip-schedule", spacing, "--no-progress"]) == 0
+        said[spacing] = [r.getMessage() for r in caplog.records if "terminal SNR" in r.getMessage()]
+    (warning,) = said["linear"]
+    assert f"starts at t = {T - T // 4}" in warning and "trailing" in warning
+    assert said["trailing"] == []

@@ -78,6 +78,12 @@ def build_sampler(config: SampleConfig, diffusion, device):
                                eps_from=config.ddim_eps_from, step_to=config.ddim_step_to)
     except ValueError as exc:
         raise UserError(f"--sampler {config.sampler}: {exc}") from exc
+    first = int(max(sampler.timesteps))
+    if diffusion.zero_terminal_snr and first < diffusion.T - 1:
+        log.warning("this model has zero terminal SNR (x_T is pure noise), but --skip-schedule "
+                    "%s starts at t = %d, where it was trained on images with signal left; "
+                    "--skip-schedule trailing starts at t = %d (Lin et al. 2024)",
+                    config.skip_schedule, first, diffusion.T - 1)
     if config.cuda_graph and config.compile == "reduce-overhead":
         raise UserError("--cuda-graph and --compile reduce-overhead both replay CUDA graphs; "
                         "use one of them")
