@@ -139,6 +139,23 @@ def test_a_run_that_always_overflows_stops_as_diverged(tmp_path):
     assert saved and max(saved) < t.step  # epoch checkpoints before the stop, none at it
 
 
+def test_a_resumed_streak_of_skips_stops_where_the_straight_run_stops(tmp_path):
+    """The count of skips in a row is saved: a run stopped after 10 of them and resumed stops
+    as diverged at the same update as the run that was never stopped (not 30 updates later)."""
+    straight = _fp16_trainer(tmp_path / "a", inf_steps=set(range(1000)), epochs=100)
+    with pytest.raises(NonFiniteLossError):
+        straight.fit()
+    first = _fp16_trainer(tmp_path / "b", inf_steps=set(range(1000)), epochs=100)
+    first.fit(max_steps=10)
+    path = first.save_checkpoint()
+    assert torch.load(path, weights_only=True)["skips_in_a_row"] == 10
+    second = _fp16_trainer(tmp_path / "b", inf_steps=set(range(1000)), epochs=100)
+    second.resume(path)
+    with pytest.raises(NonFiniteLossError, match=f"{MAX_SKIPS_IN_A_ROW} updates in a row"):
+        second.fit()
+    assert (second.step, second.skipped_steps) == (straight.step, straight.skipped_steps)
+
+
 def test_fp32_and_bf16_have_no_scaler(tmp_path):
     for dtype in (None, torch.bfloat16):
         t = _fp16_trainer(tmp_path, amp_dtype=dtype)

@@ -79,6 +79,7 @@ class TrainerState:
             "loss": self.last_loss,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "skipped_steps": self.skipped_steps,
+            "skips_in_a_row": self._skips_in_a_row,  # a resumed run diverges where it would have
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -99,6 +100,7 @@ class TrainerState:
         self.last_loss = state.get("loss")
         self.last_saved_step = self.step
         self.skipped_steps = int(state.get("skipped_steps") or 0)
+        self._skips_in_a_row = int(state.get("skips_in_a_row") or 0)
         rng = state.get("rng") or {}
         ranks = rng.get("ranks")
         if isinstance(ranks, list) and len(ranks) == self.world_size:
