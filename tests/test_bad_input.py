@@ -171,7 +171,24 @@ def test_too_little_space_for_one_checkpoint_is_one_line(workspace, monkeypatch,
     before = tree_hashes(workspace)
     capsys.readouterr()
     code = ddpmkit_main([*TRAIN, "--exp-name", "new"])
-    one_line_error(capsys, code, "checkpoint folder", "0 MiB free", "one checkpoint needs")
+    one_line_error(capsys, code, "checkpoint folder", "1 KiB free", "one checkpoint needs")
+    assert tree_hashes(workspace) == before
+
+
+@pytest.mark.parametrize("fmt, out", [("diffusers", "new_export"),
+                                      ("safetensors", "new.safetensors")])
+def test_too_little_space_for_the_export_is_one_line(workspace, monkeypatch, capsys, fmt, out):
+    import collections
+
+    import ddpmkit.utils.io as io_module
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(io_module.shutil, "disk_usage", lambda path: usage(2**30, 2**30, 2**10))
+    monkeypatch.chdir(workspace)
+    before = tree_hashes(workspace)
+    capsys.readouterr()
+    code = ddpmkit_main(["export", "model.pt", "--format", fmt, out])
+    one_line_error(capsys, code, "output folder", "1 KiB free", "the export needs")
     assert tree_hashes(workspace) == before
 
 

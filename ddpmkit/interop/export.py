@@ -24,6 +24,7 @@ from typing import Any
 
 from ddpmkit.errors import UserError
 from ddpmkit.utils.io import (
+    check_free_space,
     check_not_protected,
     check_replaceable_file,
     check_replaceable_folder,
@@ -114,6 +115,9 @@ def export_checkpoint(checkpoint: str, out: str, fmt: str, use_ema: bool | None 
     model, config, entry = load_model_dict(ckpt, config, use_ema, "cpu", repr(checkpoint))
     weights = "unlabelled" if entry == "bare state dict" else ckpt.get("weights") or entry
     state_dict = model.state_dict()
+    where = out if fmt == "diffusers" else os.path.dirname(os.path.abspath(out))
+    check_free_space(where, "output folder", sum(t.numel() * t.element_size()
+                                                 for t in state_dict.values()), "the export")
     if fmt == "safetensors":
         save_weights(out, state_dict, config, weights)
         count = len(state_dict)

@@ -93,11 +93,21 @@ def check_writable_folder(folder: str, what: str, free_bytes: int = 0) -> None:
         raise UserError(f"{what} {folder}: cannot {action} ({cause}); choose another "
                         "path") from exc
     if free_bytes:
-        free = shutil.disk_usage(probe).free
-        if free < free_bytes:
-            raise UserError(f"{what} {folder}: {free / 2**20:.0f} MiB free, and one checkpoint "
-                            f"needs about {free_bytes / 2**20:.0f} MiB; free some space or "
-                            "choose another path")
+        check_free_space(folder, what, free_bytes)
+
+
+def check_free_space(folder: str, what: str, needed: int, of: str = "one checkpoint") -> None:
+    """Refuse before any work where the file system of `folder` (or of its nearest existing
+    parent) has less than `needed` bytes free: `of` names what needs them."""
+    probe = _nearest_existing(os.path.abspath(os.path.expanduser(folder)))
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise UserError(f"{what} {folder}: {_size(free)} free, and {of} needs about "
+                        f"{_size(needed)}; free some space or choose another path")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 # ---- replacing only what this project wrote --------------------------------------------------
