@@ -15,7 +15,7 @@ from ddpmkit.cli.generate import main as generate_main
 from ddpmkit.errors import UserError
 from ddpmkit.models.loading import build_from_config, load_model_dict
 from ddpmkit.sampling import SampleConfig, SampleSummary, run
-from ddpmkit.sampling.config import DEFAULT_STEPS
+from ddpmkit.config.sample import DEFAULT_STEPS
 
 SMALL = dict(total_size=3, batch_size=2, sampler="ddim", steps=3, precision="fp32",
              progress=False)
@@ -99,7 +99,7 @@ def test_every_config_field_has_its_flag():
 
 
 def test_the_config_loads_no_torch():
-    script = ("import sys\nfrom ddpmkit.sampling.config import SampleConfig\n"
+    script = ("import sys\nfrom ddpmkit.config.sample import SampleConfig\n"
               "SampleConfig(total_size=2).check()\n"
               "assert 'torch' not in sys.modules, 'torch was imported'\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -52,7 +52,7 @@ from ddpmkit.cli import (
 )
 from ddpmkit.config import parse_with_explicit
 from ddpmkit.errors import UserError
-from ddpmkit.sampling.config import ANIMATE_TARGETS, DEFAULT_DATASET, SampleConfig
+from ddpmkit.config.sample import ANIMATE_TARGETS, DEFAULT_DATASET, SampleConfig
 
 # torch and the sampling code are imported after the flags are checked, so that `--help` and
 # flag errors need no torch.

@@ -2,8 +2,8 @@
 
 Every sample is a pure function of (checkpoint, sampler settings, seed, sample index), so any
 batch size and any number of processes give the same images, and a rerun only makes the
-missing files. The modules, from the bottom up:
-  config     `SampleConfig`: what a run is asked to do, plain values (no torch)
+missing files. What a run is asked to do is `ddpmkit.config.sample.SampleConfig` (plain
+values, no torch; also importable from here). The modules, from the bottom up:
   labels     class labels per sample and classifier-free guidance
   noise      per-sample noise (Philox4x32-10), `sample_indexed`, `shard`
   denoiser   the network as the sampler calls it, with its fast paths
@@ -12,15 +12,15 @@ missing files. The modules, from the bottom up:
   share      one process's share of a run
   launch     `run(SampleConfig)`: one process, torchrun or spawned; the grid and the summary
 
-Every public name loads on first use (PEP 562), so importing `ddpmkit.sampling.config` (as the
-command line does before it parses) loads no torch.
+Every public name loads on first use (PEP 562), so importing this package (as the command line
+does before it parses) loads no torch.
 """
 
 import importlib
 
-# public name -> module under ddpmkit.sampling that defines it
+# public name -> the module that defines it (under ddpmkit.sampling unless spelled out)
 _LAZY = {
-    **dict.fromkeys(("SampleConfig", "DEFAULT_DATASET", "DEFAULT_STEPS"), "config"),
+    **dict.fromkeys(("SampleConfig", "DEFAULT_DATASET", "DEFAULT_STEPS"), "ddpmkit.config.sample"),
     **dict.fromkeys(("ClassLabels", "class_labels", "Guidance", "DEFAULT_GUIDANCE_SCALE",
                      "class_grid_indices"), "labels"),
     **dict.fromkeys(("IndexedNoise", "philox4x32", "sample_indexed", "shard", "DistEnv",
@@ -37,7 +37,9 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        module = _LAZY[name]
+        module = module if module.startswith("ddpmkit.") else f"{__name__}.{module}"
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

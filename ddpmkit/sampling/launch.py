@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ddpmkit.errors import UserError, signal_name
 from ddpmkit.runtime.distributed import check_spawn_devices, env_dist_info, process_device, spawn
 from ddpmkit.runtime.stops import StopFlag, exit_code
-from ddpmkit.sampling.config import SampleConfig
+from ddpmkit.config.sample import SampleConfig
 from ddpmkit.sampling.folder import (
     MANIFEST_NAME,
     count_samples,

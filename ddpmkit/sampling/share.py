@@ -16,7 +16,7 @@ from ddpmkit.interop.sources import checkpoint_digest
 from ddpmkit.models.loading import image_shape
 from ddpmkit.runtime.devices import resolve_precision
 from ddpmkit.runtime.distributed import process_device
-from ddpmkit.sampling.config import SampleConfig
+from ddpmkit.config.sample import SampleConfig
 from ddpmkit.sampling.denoiser import make_denoise_fn
 from ddpmkit.sampling.folder import (
     MANIFEST_NAME,
