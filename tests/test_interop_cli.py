@@ -244,6 +244,24 @@ def test_downloads_fetch_configs_first_then_only_the_unet_weights(tmp_path, monk
                .state_dict().items())
 
 
+def test_a_hub_model_with_only_fp16_weights_downloads_those(tmp_path, monkeypatch):
+    """Without plain weights, the fp16 variant is fetched (as a local folder is read)."""
+    hub = pytest.importorskip("huggingface_hub")
+
+    remote = tmp_path / "remote"
+    save_model_folder(remote, TINY, SHORT_SCHEDULER, variant="fp16")
+    assert (remote / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    fake = FakeHub(remote, tmp_path)
+    monkeypatch.setattr(hub, "snapshot_download", fake)
+    folder = resolve_checkpoint(HUB_ID)
+    assert [patterns for _, patterns in fake.calls] == [
+        None, ["*.json"], ["diffusion_pytorch_model*.safetensors*"],
+        ["diffusion_pytorch_model*.bin*"], ["diffusion_pytorch_model*.safetensors*"]]
+    model, _ = load_model_from_checkpoint(folder)
+    reference, _ = load_model_from_checkpoint(str(remote))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.state_dict().items())
+
+
 def test_an_unmappable_hub_model_is_refused_before_its_weights_download(tmp_path, monkeypatch):
     hub = pytest.importorskip("huggingface_hub")
 

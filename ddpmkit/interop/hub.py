@@ -3,7 +3,8 @@
 huggingface_hub is optional (`pip install huggingface_hub`, or the `hub` extra). The cache is
 tried first, so a model downloaded once loads offline without any network call; otherwise the
 JSON files are fetched, checked (a model ddpmkit cannot map is refused before its weights are
-downloaded), then only the UNet's weights (safetensors, else .bin; no fp16 copies). The cache
+downloaded), then only the UNet's weights (safetensors, else .bin; fp16 copies only where a repository has
+nothing else, as a local folder is read). The cache
 is huggingface_hub's: `HF_HUB_CACHE` / `HF_HOME`, default ~/.cache/huggingface/hub.
 """
 from __future__ import annotations
@@ -22,7 +23,11 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".json")
 # Tried in turn: safetensors (with shards and their index), else pickled .bin.
 WEIGHT_PATTERNS = ("diffusion_pytorch_model*.safetensors*", "diffusion_pytorch_model*.bin*")
-IGNORED = ["*.fp16.*", "*non_ema*"]
+NON_EMA = "*non_ema*"
+# First without the fp16 variants (`*.fp16.*`, shards indexed by `*.index.fp16.json`), then,
+# where those are all there is, with them.
+ATTEMPTS = [(pattern, [NON_EMA, "*.fp16.*"]) for pattern in WEIGHT_PATTERNS] + [
+    (pattern, [NON_EMA]) for pattern in WEIGHT_PATTERNS]
 
 
 def looks_like_hub_id(spec: str) -> bool:
@@ -54,9 +59,9 @@ def _download(snapshot_download, repo_id: str, cache_dir: str | None) -> str:
     layout, _ = read_configs(folder)  # a UserError here: nothing big was downloaded
     prefix = os.path.relpath(layout.unet_dir, folder)
     prefix = "" if prefix == "." else prefix + "/"
-    for pattern in WEIGHT_PATTERNS:
+    for pattern, ignored in ATTEMPTS:
         folder = snapshot_download(repo_id, cache_dir=cache_dir,
-                                   allow_patterns=[prefix + pattern], ignore_patterns=IGNORED)
+                                   allow_patterns=[prefix + pattern], ignore_patterns=ignored)
         try:
             weights_files(os.path.join(folder, prefix))
             return folder
