@@ -54,8 +54,8 @@ def test_the_resolver_takes_plain_values_and_equals_the_command_line():
     with the same flags (facts completed as `train` completes them)."""
     from ddpmkit.cli.train import build_parser, resolve_config
     from ddpmkit.config import parse_with_explicit
+    from ddpmkit.config.facts import complete_dataset_facts
     from ddpmkit.config.resolve import resolve_image_run
-    from ddpmkit.training.images import complete_dataset_facts
 
     argv = ["--dataset", "mnist", "--lr", "1e-3", "--class-cond", "--exp-name", "x"]
     args, typed = parse_with_explicit(build_parser(), argv)

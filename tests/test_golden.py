@@ -159,7 +159,7 @@ def test_resolved_config(path, tmp_path):
     shipped config and the reference project's."""
     from ddpmkit.cli.train import build_parser, resolve_config, validate_config
     from ddpmkit.config import parse_with_explicit
-    from ddpmkit.training.images import complete_dataset_facts
+    from ddpmkit.config.facts import complete_dataset_facts
 
     args, typed = parse_with_explicit(build_parser(), ["--config-path", str(path)])
     config = resolve_config(args, typed)

@@ -417,7 +417,7 @@ def test_the_log_has_each_step_once_after_a_crash_and_resume(cifar_root, tmp_pat
 def test_reference_config_files_resolve_unchanged(name, dataset, resolution, var_type):
     from ddpmkit.cli.train import build_parser, resolve_config, validate_config
     from ddpmkit.config import parse_with_explicit
-    from ddpmkit.training.images import complete_dataset_facts
+    from ddpmkit.config.facts import complete_dataset_facts
 
     path = REFERENCE_CONFIGS / f"{name}.json"
     args, typed = parse_with_explicit(build_parser(), ["--config-path", str(path)])

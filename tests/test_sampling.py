@@ -12,10 +12,10 @@ from helpers import randomize_, tiny_config
 from ddpmkit.checkpoints.files import save_checkpoint
 from ddpmkit.cli.generate import build_parser, flag_name
 from ddpmkit.cli.generate import main as generate_main
+from ddpmkit.config.sample import DEFAULT_STEPS
 from ddpmkit.errors import UserError
 from ddpmkit.models.loading import build_from_config, load_model_dict
 from ddpmkit.sampling import SampleConfig, SampleSummary, run
-from ddpmkit.config.sample import DEFAULT_STEPS
 
 SMALL = dict(total_size=3, batch_size=2, sampler="ddim", steps=3, precision="fp32",
              progress=False)

@@ -51,8 +51,8 @@ from ddpmkit.cli import (
     weights_choice,
 )
 from ddpmkit.config import parse_with_explicit
-from ddpmkit.errors import UserError
 from ddpmkit.config.sample import ANIMATE_TARGETS, DEFAULT_DATASET, SampleConfig
+from ddpmkit.errors import UserError
 
 # torch and the sampling code are imported after the flags are checked, so that `--help` and
 # flag errors need no torch.

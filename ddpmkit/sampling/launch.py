@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ddpmkit.config.sample import SampleConfig
 from ddpmkit.errors import UserError, signal_name
 from ddpmkit.runtime.distributed import check_spawn_devices, env_dist_info, process_device, spawn
 from ddpmkit.runtime.stops import StopFlag, exit_code
-from ddpmkit.config.sample import SampleConfig
 from ddpmkit.sampling.folder import (
     MANIFEST_NAME,
     count_samples,

@@ -10,13 +10,13 @@ from typing import Any, Callable
 import torch
 
 from ddpmkit.build import build_diffusion
+from ddpmkit.config.sample import SampleConfig
 from ddpmkit.diffusion.samplers import make_sampler
 from ddpmkit.errors import UserError
 from ddpmkit.interop.sources import checkpoint_digest
 from ddpmkit.models.loading import image_shape
 from ddpmkit.runtime.devices import resolve_precision
 from ddpmkit.runtime.distributed import process_device
-from ddpmkit.config.sample import SampleConfig
 from ddpmkit.sampling.denoiser import make_denoise_fn
 from ddpmkit.sampling.folder import (
     MANIFEST_NAME,

@@ -7,10 +7,10 @@ from typing import Any, NamedTuple
 
 from ddpmkit.checkpoints.files import CheckpointFiles, newest_file
 from ddpmkit.config import architecture_config
+from ddpmkit.config.sample import SampleConfig
 from ddpmkit.errors import UserError
 from ddpmkit.interop.sources import load_checkpoint_any, resolve_checkpoint
 from ddpmkit.models.loading import checkpoint_config, load_model_dict
-from ddpmkit.config.sample import SampleConfig
 from ddpmkit.sampling.labels import DEFAULT_GUIDANCE_SCALE, Guidance, class_labels
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The parts of image training: the trainer's global draws (`ImageTrainer`), sample grids
-(`SampleGrid`), a folder run's image list (`ImageListFile`), and the dataset facts checked
-against the network. The run itself is `recipes.image.launch`.
+(`SampleGrid`) and a folder run's image list (`ImageListFile`). The run itself is
+`recipes.image.launch`.
 
 Batches are split the same way whatever the number of processes: the global batch of an update
 is a contiguous slice of the epoch's permutation (DistributedSampler with one replica per
@@ -13,13 +13,11 @@ summation order and dropout, whose RNG is per process).
 
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
-from ddpmkit.config import facts
-from ddpmkit.config.facts import IMAGE_LIST_NAME, read_image_list  # noqa: F401 (old place)
-from ddpmkit.config.schema import size_hw
+from ddpmkit.config.facts import IMAGE_LIST_NAME
 from ddpmkit.training.trainer import Callback, Trainer
 
 logger = logging.getLogger(__name__)
@@ -134,17 +132,6 @@ class SampleGrid(Callback):
     def on_epoch_end(self, trainer: Trainer) -> None:
         if self.every and trainer.epoch % self.every == 0:
             self.save(trainer, f"{trainer.epoch}")
-
-
-def complete_dataset_facts(config: Dict[str, Any],
-                           run_images: Optional[List[str]] = None) -> Dict[str, Any]:
-    """`config.facts.complete_dataset_facts` (in place), then the network checked against
-    the image size."""
-    from ddpmkit.models.unet import check_image_size
-
-    config = facts.complete_dataset_facts(config, run_images)
-    check_image_size(config["model"], *size_hw(config["dataset"]["resolution"]))
-    return config
 
 
 class ImageListFile(Callback):
