@@ -172,6 +172,8 @@ def test_too_little_space_for_one_checkpoint_is_one_line(workspace, monkeypatch,
     capsys.readouterr()
     code = ddpmkit_main([*TRAIN, "--exp-name", "new"])
     one_line_error(capsys, code, "checkpoint folder", "1 KiB free", "one checkpoint needs")
+    code = ddpmkit_main([*TOY, "--chkpt-dir", "new"])
+    one_line_error(capsys, code, "checkpoint folder new", "1 KiB free", "one checkpoint needs")
     assert tree_hashes(workspace) == before
 
 

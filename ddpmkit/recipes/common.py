@@ -13,15 +13,35 @@ from ddpmkit.training.callbacks import Callback
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.trainer import Trainer
 
+# float32 copies of the parameters in a checkpoint: the weights and Adam's two moments, plus
+# the EMA weights when kept.
+_COPIES_WITHOUT_EMA = 3
+
+
+def checkpoint_bytes(build_network: Callable[[], Any], use_ema: bool) -> int:
+    """About how many bytes one checkpoint of a run takes, counted on the network
+    `build_network()` makes on the meta device: no memory, no time, and the RNG left as it
+    was."""
+    import torch
+
+    rng = torch.get_rng_state()
+    try:
+        with torch.device("meta"):
+            network = build_network()
+    finally:
+        torch.set_rng_state(rng)
+    copies = _COPIES_WITHOUT_EMA + (1 if use_ema else 0)
+    return copies * 4 * sum(p.numel() for p in network.parameters())
+
 
 def prepare_folder(folder: RunFolder, options: Mapping[str, Any],
                    check_resume: Callable[[dict[str, Any], str], None],
-                   checkpoint_bytes: int = 0, restarted: bool = False) -> RunFolder:
-    """The run's files, checked before any work (writable, `checkpoint_bytes` free) and by the
+                   free_bytes: int = 0, restarted: bool = False) -> RunFolder:
+    """The run's files, checked before any work (writable, `free_bytes` free) and by the
     rules of `RunFolder.prepare`: the resume point (`folder.resumed`), or a folder free of
     saved progress. `options`: resume, chkpt_path, overwrite, auto_resume (plain values);
     `restarted`: an elastic restart, which resumes from the newest checkpoint."""
-    folder.preflight(checkpoint_bytes)
+    folder.preflight(free_bytes)
     overwrite = bool(options.get("overwrite"))
     if restarted and overwrite and not folder.holds_config(folder.config):
         # The first attempt died before it replaced the old run: replace it now.

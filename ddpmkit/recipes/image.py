@@ -22,7 +22,13 @@ from ddpmkit.config.facts import checkpoint_folder, elastic_restart, read_image_
 from ddpmkit.config.run import DatasetCfg, ImageRunConfig, plain_value
 from ddpmkit.config.schema import size_hw
 from ddpmkit.errors import UserError
-from ddpmkit.recipes.common import prepare_folder, resume_from, stop_exit_code, trainer_options
+from ddpmkit.recipes.common import (
+    checkpoint_bytes,
+    prepare_folder,
+    resume_from,
+    stop_exit_code,
+    trainer_options,
+)
 from ddpmkit.runtime import distributed as dist_utils
 from ddpmkit.runtime.devices import autocast_dtype, compile_mode, compile_module, resolve_precision
 from ddpmkit.runtime.stops import StopFlag
@@ -66,26 +72,14 @@ def _check_same_architecture(state: Dict[str, Any], config: Dict[str, Any], path
                         f"{'; '.join(diffs[:4])}); resume with the same config and flags")
 
 
-# float32 copies of the parameters in a checkpoint: the weights and Adam's two moments, plus
-# the EMA weights when kept.
-_COPIES_WITHOUT_EMA = 3
-
-
-def checkpoint_bytes(config: ImageRunConfig) -> int:
-    """About how many bytes one checkpoint of this run takes (counted on a network built on
-    the meta device: no memory, no time, and the RNG left as it was)."""
+def image_checkpoint_bytes(config: ImageRunConfig) -> int:
+    """About how many bytes one checkpoint of this run takes."""
     from ddpmkit.models import build_model
 
     diffusion = build_diffusion(config.diffusion.to_dict(), decoder="discretized")
     out_channels = diffusion.model_out_channels(config.dataset.channels)
-    rng = torch.get_rng_state()
-    try:
-        with torch.device("meta"):
-            model = build_model(config.model.to_dict(), out_channels)
-    finally:
-        torch.set_rng_state(rng)
-    copies = _COPIES_WITHOUT_EMA + (1 if config.train.use_ema else 0)
-    return copies * 4 * sum(p.numel() for p in model.parameters())
+    return checkpoint_bytes(lambda: build_model(config.model.to_dict(), out_channels),
+                            config.train.use_ema)
 
 
 def prepare_run(config: ImageRunConfig, options: Dict[str, Any]) -> RunFolder:
@@ -99,7 +93,7 @@ def prepare_run(config: ImageRunConfig, options: Dict[str, Any]) -> RunFolder:
     folder = RunFolder(dirs["chkpt"], config.run.chkpt_name, saved, dirs["images"])
     return prepare_folder(folder, options,
                           lambda state, path: _check_same_architecture(state, saved, path),
-                          checkpoint_bytes(config), restarted=elastic_restart())
+                          image_checkpoint_bytes(config), restarted=elastic_restart())
 
 
 def _folder_options(ds: DatasetCfg, folder: RunFolder):

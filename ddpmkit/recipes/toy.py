@@ -20,7 +20,13 @@ from ddpmkit.config.run import TrainCfg
 from ddpmkit.config.toy import ToyRunConfig
 from ddpmkit.data.toy import TensorBatches, make_labeled_toy_data, toy_generator
 from ddpmkit.errors import UserError
-from ddpmkit.recipes.common import prepare_folder, resume_from, stop_exit_code, trainer_options
+from ddpmkit.recipes.common import (
+    checkpoint_bytes,
+    prepare_folder,
+    resume_from,
+    stop_exit_code,
+    trainer_options,
+)
 from ddpmkit.runtime.stops import StopFlag
 from ddpmkit.training.run_folder import RunFolder
 from ddpmkit.training.toy import (
@@ -59,8 +65,10 @@ def toy_folder(c: dict[str, Any], image_dir: str) -> RunFolder:
                        start_fresh="run without --resume to start a new run")
     options = {"resume": c["resume"], "overwrite": c["overwrite"],
                "chkpt_path": os.path.expanduser(c["chkpt_path"]) if c["chkpt_path"] else None}
+    size = checkpoint_bytes(lambda: build_model(c, build_diffusion(c, DECODER)),
+                            c["ema_decay"] > 0)
     return prepare_folder(folder, options, lambda state, path: check_resume_config(
-        state.get("config") or {}, c, path))
+        state.get("config") or {}, c, path), size)
 
 
 def train_settings(c: dict[str, Any], batches_per_epoch: int) -> TrainCfg:
