@@ -3,9 +3,9 @@
 huggingface_hub is optional (`pip install huggingface_hub`, or the `hub` extra). The cache is
 tried first, so a model downloaded once loads offline without any network call; otherwise the
 JSON files are fetched, checked (a model ddpmkit cannot map is refused before its weights are
-downloaded), then only the UNet's weights (safetensors, else .bin; fp16 copies only where a repository has
-nothing else, as a local folder is read). The cache
-is huggingface_hub's: `HF_HUB_CACHE` / `HF_HOME`, default ~/.cache/huggingface/hub.
+downloaded), then only the UNet's weights (safetensors, else .bin; the fp16 variant only where
+a repository has nothing else, as a local folder is read). The cache is huggingface_hub's:
+`HF_HUB_CACHE` / `HF_HOME`, default ~/.cache/huggingface/hub.
 """
 from __future__ import annotations
 
