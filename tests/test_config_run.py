@@ -90,7 +90,9 @@ def test_toy_config_defaults_are_the_command_defaults_and_check_values():
 def test_the_config_package_imports_no_torch():
     script = ("import sys\nimport ddpmkit.config, ddpmkit.config.resolve, ddpmkit.config.facts\n"
               "from ddpmkit.config import ImageRunConfig, ToyRunConfig\n"
+              "from ddpmkit.config.sample import SampleConfig\n"
               "ImageRunConfig().to_dict(); ToyRunConfig().to_dict()\n"
+              "SampleConfig(total_size=2).check()\n"
               "assert 'torch' not in sys.modules, 'torch was imported'\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
